@@ -1,0 +1,1 @@
+"""Adapter registry (object storage); no torch import."""

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks for hotswap (run with `make bench`)."""

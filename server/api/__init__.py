@@ -1,0 +1,1 @@
+"""HTTP API: the OpenAI-compatible endpoints, health and metrics."""

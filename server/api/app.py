@@ -1,0 +1,61 @@
+"""The FastAPI application: OpenAI routes, /health and /metrics around one engine."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.errors import APIError, api_error_handler, error_body, validation_error_handler
+from server.api.openai.routes import router as openai_router
+from server.api.openai.serving import OpenAIServing
+from server.engine.async_engine import AsyncEngine
+from server.engine.llm_engine import LLMEngine
+from server.metrics import Metrics
+
+
+def build_app(engine: LLMEngine) -> FastAPI:
+    metrics = Metrics()
+    async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        yield
+        async_engine.stop()
+
+    app = FastAPI(title="hotswap", lifespan=lifespan)
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+    app.state.serving = OpenAIServing(async_engine, metrics)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = async_engine.healthy
+        body = {
+            "status": "ok" if ok else "engine stopped",
+            "model": engine.model_name,
+            "dtype": engine.config.dtype,
+            "adapters": len(engine.adapters.resident),
+            "kernels": {"lora": "torch-sgmv (cpu)"},
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.observe_engine(engine)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,85 @@
+"""`hotswap` command line."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+
+def _adapter_arg(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hotswap", description="Multi-tenant LLM server: one base model, many adapters in every batch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model", type=Path, default=None, help="Hugging Face Llama-family checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", default=None, help="model id clients use for the base model (default: the directory name)")
+    serve.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=PATH", help="a PEFT LoRA directory to serve as NAME (repeatable)")
+    serve.add_argument("--adapters-dir", type=Path, default=None, help="serve every subdirectory holding adapter_config.json, named after it")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per engine step (long prompts are prefilled in chunks)")
+    serve.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV-cache budget in tokens")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
+    serve.add_argument("--max-lora-rank", type=int, default=64)
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
+    fetch.set_defaults(command="fetch-model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "fetch-model":
+        from server.models.embedded import ensure_embedded_model
+
+        print(ensure_embedded_model())
+        return 0
+    return _serve(args)
+
+
+def _serve(args) -> int:
+    host_ip = args.host
+    try:
+        loopback = host_ip == "localhost" or ipaddress.ip_address(host_ip).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # Until tenants and API keys exist, an open server must not be reachable from the network.
+        print(f"hotswap: refusing to bind {host_ip}: without an admin key the server only listens on loopback (127.0.0.1)", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from server.api.app import build_app
+    from server.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_lora_rank=args.max_lora_rank, threads=args.threads,
+    )
+    engine = LLMEngine(config)
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

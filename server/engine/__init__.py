@@ -1,0 +1,1 @@
+"""The inference engine: scheduler (bookkeeping only), model runner (tensors), engine loop."""

@@ -1,0 +1,114 @@
+"""Runs the engine loop on its own thread so the asyncio event loop (HTTP) stays responsive.
+
+Requests and aborts cross into the engine thread through a queue and are applied between steps;
+each request's outputs come back through its own asyncio.Queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.llm_engine import LLMEngine, StepStats
+from server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new tokens since the previous output
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step=None):
+        self.engine = engine
+        self.on_step = on_step  # callback(StepStats, engine) on the engine thread, for metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(("wake", None))
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        """Yields outputs until the sequence finishes. Leaving early (client gone) aborts it."""
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[seq.seq_id] = (loop, stream)
+        self._inbox.put(("add", seq))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(seq.seq_id, None)
+            if not finished:
+                self._inbox.put(("abort", seq))
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            try:
+                block = not engine.has_work()
+                while True:
+                    try:
+                        kind, seq = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if kind == "add":
+                        engine.add(seq)
+                    elif kind == "abort":
+                        engine.abort(seq)
+                if not engine.has_work():
+                    continue
+                updates = engine.step()
+                for u in updates:
+                    self._emit(
+                        u.seq.seq_id,
+                        RequestOutput(u.text, u.new_token_ids, u.finished, u.seq.finish_reason, len(u.seq.prompt_token_ids), len(u.seq.output_token_ids)),
+                    )
+                if self.on_step is not None and engine.last_step is not None:
+                    self.on_step(engine.last_step, engine)
+            except Exception as e:  # a bug in a step must not hang every client: fail them, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+
+    def _emit(self, seq_id: int, item) -> None:
+        target = self._streams.get(seq_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        sched = self.engine.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            self.engine.abort(seq)
+            self._emit(seq.seq_id, RuntimeError(f"engine error: {error}"))

@@ -1,0 +1,139 @@
+"""The synchronous engine: load model and adapters, then step."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.model_runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.lora.manager import AdapterManager
+from server.lora.peft import load_peft_lora
+from server.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class StepStats:
+    num_seqs: int
+    num_tokens: int
+    num_adapters: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class SeqUpdate:
+    """What one sequence produced in a step."""
+
+    seq: Sequence
+    text: str
+    new_token_ids: list[int]
+    finished: bool
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model_dir = config.model
+        if model_dir is None:
+            from server.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model
+
+            model_dir = ensure_embedded_model()
+            self.model_name = config.served_model_name or EMBEDDED_MODEL_NAME
+        else:
+            self.model_name = config.served_model_name or Path(model_dir).name
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        kv_tokens = config.kv_cache_tokens
+        limit = config.max_model_len or 10**9
+        from server.models.config import ModelConfig
+
+        mcfg = ModelConfig.from_dir(self.model_dir)
+        self.max_model_len = min(limit, mcfg.max_position_embeddings, kv_tokens)
+        t0 = time.perf_counter()
+        self.model = load_model(self.model_dir, DTYPES[config.dtype], self.max_model_len)
+        log.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, config.dtype, mcfg.num_layers, time.perf_counter() - t0)
+        self.eos_token_ids = frozenset(
+            t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
+        )
+
+        self.adapters = AdapterManager(self.model)
+        for name, path in self._adapter_sources().items():
+            self.load_adapter(name, path)
+
+        num_blocks = kv_tokens // config.block_size
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
+            num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
+            len(self.adapters.resident), self.adapters.pool_bytes / 2**20,
+        )
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self.last_step: StepStats | None = None
+
+    def _adapter_sources(self) -> dict[str, Path]:
+        sources: dict[str, Path] = {}
+        if self.config.adapters_dir is not None:
+            for sub in sorted(Path(self.config.adapters_dir).iterdir()):
+                if (sub / "adapter_config.json").is_file():
+                    sources[sub.name] = sub
+        sources.update(self.config.adapters)
+        return sources
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        weights = load_peft_lora(Path(path), name, self.model.config, self.model.dtype, self.config.max_lora_rank)
+        self.adapters.add(weights)
+        log.info("adapter %s: rank %d, %d modules, %.1f MiB", name, weights.rank, len(weights.modules), weights.num_bytes / 2**20)
+
+    # -- requests ----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+        self.scheduler.add(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.abort(seq)
+        self._forget(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _forget(self, seq: Sequence) -> None:
+        self._detok.pop(seq.seq_id, None)
+        self.runner.release(seq)
+
+    def step(self) -> list[SeqUpdate]:
+        t0 = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        sampled, num_adapters = self.runner.run(scheduled)
+        self.scheduler.postprocess(scheduled, sampled, self.eos_token_ids)
+        updates = []
+        for item, token in zip(scheduled, sampled):
+            if token is None:
+                continue
+            seq = item.seq
+            detok = self._detok[seq.seq_id]
+            if not (seq.is_finished and seq.finish_reason == "stop") and detok.add(token):
+                seq.finish("stop")
+            updates.append(SeqUpdate(seq, detok.take(seq.is_finished), [token], seq.is_finished))
+            if seq.is_finished:
+                self._forget(seq)
+        self.scheduler.release_finished()
+        self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled), num_adapters, time.perf_counter() - t0)
+        return updates

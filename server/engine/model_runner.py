@@ -1,0 +1,107 @@
+"""Turns scheduled sequences into tensors, runs the model and samples. The only engine part that touches tensors."""
+from __future__ import annotations
+
+import torch
+
+from kernels import make_lora_plan
+from server.engine.sampler import sample
+from server.engine.scheduler import ScheduledSeq
+from server.engine.sequence import Sequence
+from server.layers.context import ForwardContext, PrefillChunk
+from server.lora.manager import AdapterManager
+from server.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
+        self.model, self.adapters, self.block_size = model, adapters, block_size
+        cfg = model.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        for layer in model.layers:
+            layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype)
+            layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype)
+        self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
+        self._generators: dict[int, torch.Generator] = {}
+
+    def release(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    def _adapter_key(self, seq: Sequence) -> tuple[int, int]:
+        if seq.adapter is None:
+            return (-1, 0)
+        entry = self.adapters.get(seq.adapter)
+        return (entry.row_start, entry.rank)
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int | None], int]:
+        """Returns the sampled token of every scheduled sequence (None while it is still prefilling)
+        and the number of distinct adapters in the step."""
+        keys = [self._adapter_key(s.seq) for s in scheduled]
+        is_decode = [s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
+        # decode tokens first, then prefill chunks; each group sorted by adapter so adapters form segments
+        order = sorted(range(len(scheduled)), key=lambda i: (not is_decode[i], keys[i][0]))
+        bs = self.block_size
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seg_indptr, seg_rows, seg_ranks = [0], [], []
+        dec_tables, dec_lens, prefills, sample_rows = [], [], [], []
+        for i in order:
+            item, seq = scheduled[i], scheduled[i].seq
+            start, n = seq.num_computed_tokens, item.num_new_tokens
+            t0 = len(input_ids)
+            input_ids += seq.token_ids(start, start + n)
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if is_decode[i]:
+                dec_tables.append(table)
+                dec_lens.append(start + 1)
+            else:
+                prefills.append(PrefillChunk(t0, t0 + n, start, torch.tensor(table, dtype=torch.long)))
+            if item.samples:
+                sample_rows.append((i, t0 + n - 1))
+            row_start, rank = keys[i]
+            if seg_rows and seg_rows[-1] == row_start:
+                seg_indptr[-1] = t0 + n
+            else:
+                seg_indptr.append(t0 + n)
+                seg_rows.append(row_start)
+                seg_ranks.append(rank)
+
+        decode_tables = decode_mask = None
+        if dec_tables:
+            width = max(len(t) for t in dec_tables)
+            decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long)
+            lens = torch.tensor(dec_lens)
+            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_tables), 1, 1, -1)
+        plan = None
+        if any(r >= 0 for r in seg_rows):
+            plan = make_lora_plan(seg_indptr, seg_rows, seg_ranks)
+        ctx = ForwardContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decode=len(dec_tables),
+            decode_block_tables=decode_tables,
+            decode_mask=decode_mask,
+            prefills=prefills,
+            lora_plan=plan,
+        )
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
+
+        sampled: list[int | None] = [None] * len(scheduled)
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in sample_rows])])
+            seqs = [scheduled[i].seq for i, _ in sample_rows]
+            tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+            for (i, _), tok in zip(sample_rows, tokens):
+                sampled[i] = tok
+        return sampled, len({k[0] for k in keys if k[0] >= 0})
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.greedy:
+            return None
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            gen = self._generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
+        return gen

@@ -1,0 +1,110 @@
+"""Decides which sequences run in the next step and how many tokens each. Never touches a tensor.
+
+Policy (continuous batching with chunked prefill): every running sequence gets its next token
+(or its next prompt chunk) first, then waiting sequences are admitted while the token budget,
+the sequence limit and the KV-cache blocks allow. When blocks run out, the most recently
+admitted sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """After this step every token is in the cache, so the next one is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.finish("abort")
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below while making room for an earlier one
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        # Admitting while preempting would only thrash the cache.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[int | None], eos_token_ids: frozenset[int]) -> None:
+        """Record computed tokens and sampled ones; finish sequences on EOS, stop tokens or max_tokens."""
+        for item, token in zip(scheduled, sampled):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if token is None:
+                continue
+            seq.output_token_ids.append(token)
+            p = seq.params
+            if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                seq.finish("stop")
+            elif len(seq.output_token_ids) >= p.max_tokens:
+                seq.finish("length")
+
+    def release_finished(self) -> None:
+        """Free the blocks of sequences finished by postprocess or by a stop string."""
+        for seq in [s for s in self.running if s.is_finished]:
+            self.running.remove(seq)
+            self.blocks.free(seq)

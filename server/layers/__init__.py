@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: rotary embeddings, paged attention, adapter-aware linears."""

@@ -1,0 +1,40 @@
+"""Prometheus metrics (one registry per app, so several servers can live in one process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("hotswap_requests_total", "Finished requests by endpoint and outcome", ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("hotswap_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("hotswap_generation_tokens_total", "Tokens generated", registry=r)
+        self.latency = Histogram("hotswap_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("hotswap_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("hotswap_time_per_output_token_seconds", "Mean time per output token after the first", buckets=_TOKEN_BUCKETS, registry=r)
+        self.running = Gauge("hotswap_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("hotswap_requests_waiting", "Sequences waiting to be scheduled", registry=r)
+        self.kv_blocks_used = Gauge("hotswap_kv_cache_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("hotswap_kv_cache_blocks_total", "KV-cache blocks in all", registry=r)
+        self.adapters_resident = Gauge("hotswap_adapters_resident", "Adapters resident in the device row pools", registry=r)
+        self.step_seconds = Histogram("hotswap_step_seconds", "Duration of one engine step", buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_size = Histogram("hotswap_batch_size", "Sequences per engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.step_adapters = Histogram("hotswap_step_adapters", "Distinct adapters per engine step", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+
+    def observe_step(self, stats, engine) -> None:
+        """Called on the engine thread after each step."""
+        self.step_seconds.observe(stats.seconds)
+        self.batch_size.observe(stats.num_seqs)
+        self.step_adapters.observe(stats.num_adapters)
+        self.observe_engine(engine)
+
+    def observe_engine(self, engine) -> None:
+        self.running.set(len(engine.scheduler.running))
+        self.waiting.set(len(engine.scheduler.waiting))
+        self.kv_blocks_used.set(engine.block_manager.num_used)
+        self.kv_blocks_total.set(engine.block_manager.num_blocks)
+        self.adapters_resident.set(len(engine.adapters.resident))

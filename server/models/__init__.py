@@ -1,0 +1,1 @@
+"""Model definitions and the embedded default model (see ``embedded``)."""
