@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import LoraPlan, make_lora_plan, sgmv_lora, sgmv_lora_reference
+from kernels.lora_plan import LONG_SEGMENT_TOKENS
 
 MIXED_RANKS = [4, 8, 16, 64]
 PATTERNS = ["distinct", "uniform", "zipf:1.5", "identical", "skewed"]
@@ -117,15 +118,29 @@ def test_prefill_batch_matches_reference_for_every_popularity_pattern(pattern: s
 
 def test_every_plan_path_is_exercised_and_correct() -> None:
     cases = {
-        "batched": make_batch("distinct", 32, 1, base_frac=0.0),  # contiguous, no gather of x
-        "batched_gather": make_batch("zipf:1.5", 64, 1, base_frac=0.3, seed=1),  # base in the middle, ragged
+        # uniform rank, 1 token/seq, no base: x and y are plain slices, bags read all of h
+        "batched_dense": make_batch("distinct", 32, 1, ranks=[16], base_frac=0.0),
+        # mixed ranks, ragged lengths, base segments in the middle: every gather/index variant
+        "batched_ragged": make_batch("zipf:1.5", 64, (1, 3), base_frac=0.3, seed=1),
         "single": make_batch("identical", 64, 1, base_frac=0.0),
         "loop": make_batch("distinct", 3, 40, base_frac=0.0),
+        "loop+batched": make_batch("distinct", 12, 1, base_frac=0.0),
     }
-    assert cases["batched"].plan.path == "batched" and cases["batched"].plan.tok_range is not None
-    assert cases["batched_gather"].plan.path == "batched" and cases["batched_gather"].plan.tok_idx is not None
-    assert cases["single"].plan.path == "loop" and len(cases["single"].plan.lora_segs) == 1
-    assert cases["loop"].plan.path == "loop" and len(cases["loop"].plan.lora_segs) == 3
+    dense, ragged = cases["batched_dense"].plan, cases["batched_ragged"].plan
+    assert dense.path == "batched" and dense.x_range and dense.y_range and dense.h_pos is None
+    assert ragged.path == "batched" and ragged.x_idx is not None and ragged.y_idx is not None
+    assert ragged.h_pos is not None and ragged.group_len > 1
+    assert cases["single"].plan.path == "loop" and len(cases["single"].plan.loop_segs) == 1
+    assert cases["loop"].plan.path == "loop" and len(cases["loop"].plan.loop_segs) == 3
+    # one long (prefill-like) segment next to many decode tokens: the long one runs as a GEMM
+    mixed = cases["loop+batched"]
+    n_long = LONG_SEGMENT_TOKENS + 6
+    indptr = [0, n_long] + [n_long + i + 1 for i in range(11)]
+    mixed.plan = make_lora_plan(indptr, [16 * i for i in range(12)], [16] * 12)
+    mixed.x = torch.randn(indptr[-1], mixed.x.shape[1])
+    mixed.y = torch.randn(indptr[-1], mixed.y.shape[1])
+    mixed.lora_a, mixed.lora_b = torch.randn(12 * 16, mixed.x.shape[1]), torch.randn(12 * 16, mixed.y.shape[1])
+    assert mixed.plan.path == "loop+batched" and mixed.plan.loop_segs == ((0, n_long, 0, 16),)
     for b in cases.values():
         assert_fast_matches_reference(b)
 

@@ -39,6 +39,10 @@ def build_app(engine: LLMEngine) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
     app.include_router(openai_router)
 
     @app.get("/health")

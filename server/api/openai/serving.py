@@ -73,17 +73,12 @@ class OpenAIServing:
     def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
-            prompts = [p]
+            p = [p]
         elif p and all(isinstance(x, int) for x in p):
-            return [list(p)]
-        else:
-            prompts = p
-        if not prompts:
+            p = [p]
+        if not p:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if all(isinstance(x, list) for x in prompts):
-            token_lists = [list(x) for x in prompts]
-        else:
-            token_lists = [self.llm.tokenizer(x)["input_ids"] for x in prompts]
+        token_lists = [list(x) if isinstance(x, list) else self.llm.tokenizer(x)["input_ids"] for x in p]
         vocab = self.llm.model.config.vocab_size
         for ids in token_lists:
             if not ids:
