@@ -1,6 +1,6 @@
 # CPU image of the hotswap server, with the embedded default model baked in.
 #   docker build -t hotswap .
-#   docker run --rm -p 8000:8000 hotswap            # extra args go to `hotswap serve`
+#   docker run --rm -p 8000:8000 -e HOTSWAP_ADMIN_KEY=... hotswap   # extra args go to `hotswap serve`
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,6 +29,5 @@ RUN pip install --no-deps --force-reinstall .
 
 EXPOSE 8000
 ENTRYPOINT ["hotswap", "serve"]
-# Listening on a non-loopback address; once the adapter-registry auth issue
-# lands this will also need an admin key (pass it via `docker run ... <args>`).
+# A non-loopback address needs a key: the server refuses to start without HOTSWAP_ADMIN_KEY.
 CMD ["--host", "0.0.0.0"]

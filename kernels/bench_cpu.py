@@ -8,6 +8,7 @@ next to a plain base `x @ W.T` of the same shape for scale.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from typing import Callable
@@ -20,7 +21,7 @@ NUM_ADAPTERS = 64
 RANK = 16
 
 
-def time_us(fn: Callable[[], object], iters: int = 50, rounds: int = 7) -> float:
+def time_us(fn: Callable[[], object], iters: int = 20, rounds: int = 15) -> float:
     for _ in range(5):
         fn()
     best = float("inf")
@@ -63,7 +64,8 @@ def main() -> None:
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"{NUM_ADAPTERS} resident adapters, rank {RANK}, decode (1 token/seq); µs per call")
+          f"{NUM_ADAPTERS} resident adapters, rank {RANK}, decode (1 token/seq); µs per call; "
+          f"load avg {os.getloadavg()[0]:.2f} (other processes inflate multi-thread timings)")
     print(f"{'d_in->d_out':>12} {'T':>3} {'pattern':>9} {'S':>3} {'path':>8} {'G*L':>7} "
           f"{'reference':>10} {'sgmv_lora':>10} {'speedup':>8} {'base x@W.T':>11}")
     d_in = 576
@@ -77,7 +79,7 @@ def main() -> None:
             t_base = time_us(lambda: x @ w.T)
             for pattern in ("distinct", "zipf:1.5", "identical"):
                 plan = decode_plan(pattern, T)
-                t_ref = time_us(lambda: sgmv_lora_reference(y, x, a, b, plan), iters=10 if T > 8 else 50)
+                t_ref = time_us(lambda: sgmv_lora_reference(y, x, a, b, plan), iters=5 if T > 8 else 20)
                 t_fast = time_us(lambda: sgmv_lora(y, x, a, b, plan))
                 gl = f"{plan.num_groups}x{plan.group_len}" if plan.path == "batched" else "-"
                 print(f"{d_in:>5}->{d_out:<5} {T:>3} {pattern:>9} {len(plan.lora_segs):>3} {plan.path:>8} {gl:>7} "

@@ -20,7 +20,8 @@ __all__ = ["LoraPlan", "make_lora_plan", "sgmv_lora", "sgmv_lora_reference"]
 def _check(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan) -> None:
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != plan.num_tokens or y.shape[0] != plan.num_tokens:
         raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not match plan.num_tokens={plan.num_tokens}")
-    if lora_a.shape[1] != x.shape[1] or lora_b.shape[1] != y.shape[1] or lora_a.shape[0] != lora_b.shape[0]:
+    if (lora_a.shape[1] != x.shape[1] or lora_b.shape[1] != y.shape[1] or lora_a.shape[0] != lora_b.shape[0]
+            or lora_a.shape[0] < plan.row_end):
         raise ValueError(f"pools A {tuple(lora_a.shape)} B {tuple(lora_b.shape)} vs x {tuple(x.shape)} y {tuple(y.shape)}")
 
 

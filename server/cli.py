@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"), help="bearer key required on every API call (env HOTSWAP_ADMIN_KEY); without one the server listens on loopback only")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
@@ -58,9 +60,9 @@ def _serve(args) -> int:
         loopback = host_ip == "localhost" or ipaddress.ip_address(host_ip).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
-        # Until tenants and API keys exist, an open server must not be reachable from the network.
-        print(f"hotswap: refusing to bind {host_ip}: without an admin key the server only listens on loopback (127.0.0.1)", file=sys.stderr)
+    if not loopback and not args.admin_key:
+        # An open server (no key) must not be reachable from the network.
+        print(f"hotswap: refusing to bind {host_ip} without an admin key: set --admin-key or HOTSWAP_ADMIN_KEY, or listen on 127.0.0.1", file=sys.stderr)
         return 2
 
     import uvicorn
@@ -77,7 +79,7 @@ def _serve(args) -> int:
         max_lora_rank=args.max_lora_rank, threads=args.threads,
     )
     engine = LLMEngine(config)
-    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(build_app(engine, api_key=args.admin_key), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

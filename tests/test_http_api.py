@@ -123,3 +123,33 @@ def test_health_and_metrics(live_server, client):
         "hotswap_kv_cache_blocks_used", "hotswap_batch_size", "hotswap_step_adapters",
     ):
         assert name in text, name
+
+
+def test_api_key_is_required_when_configured(engine):
+    from server.api.app import build_app
+    from tests.conftest import LiveServer
+
+    with LiveServer(build_app(engine, api_key="s3cret")) as srv:
+        bad = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == "smollm2"
+        assert httpx.get(srv.base_url + "/health").status_code == 200  # probes need no key
+
+
+def test_cli_refuses_a_public_address_without_a_key(capsys):
+    from server.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "admin key" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_serve_flags(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--adapter", "--adapters-dir", "--dtype", "--max-num-seqs", "--kv-cache-tokens", "--host", "--port"):
+        assert flag in out

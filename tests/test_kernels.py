@@ -219,3 +219,9 @@ def test_shape_mismatch_with_plan_raises() -> None:
     plan = make_lora_plan([0, 4], [0], [4])
     with pytest.raises(ValueError):
         sgmv_lora(torch.zeros(5, 8), torch.zeros(5, 8), torch.zeros(4, 8), torch.zeros(4, 8), plan)
+
+
+def test_pool_too_small_for_plan_rows_raises() -> None:
+    plan = make_lora_plan([0, 4], [8], [16])  # needs rows 8..23
+    with pytest.raises(ValueError):
+        sgmv_lora(torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(20, 8), torch.zeros(20, 8), plan)

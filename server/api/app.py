@@ -1,6 +1,7 @@
 """The FastAPI application: OpenAI routes, /health and /metrics around one engine."""
 from __future__ import annotations
 
+import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,8 @@ from server.engine.llm_engine import LLMEngine
 from server.metrics import Metrics
 
 
-def build_app(engine: LLMEngine) -> FastAPI:
+def build_app(engine: LLMEngine, api_key: str | None = None) -> FastAPI:
+    """With `api_key`, every /v1 call must carry `Authorization: Bearer <api_key>`."""
     metrics = Metrics()
     async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
 
@@ -42,6 +44,16 @@ def build_app(engine: LLMEngine) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    if api_key:
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                    return JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"), status_code=401)
+            return await call_next(request)
 
     app.include_router(openai_router)
 

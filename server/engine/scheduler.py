@@ -2,7 +2,7 @@
 
 Policy (continuous batching with chunked prefill): every running sequence gets its next token
 (or its next prompt chunk) first, then waiting sequences are admitted while the token budget,
-the sequence limit and the KV-cache blocks allow. When blocks run out, the most recently
+the sequence limit and the KV-cache blocks allow (leaving one free block per running sequence). When blocks run out, the most recently
 admitted sequence is preempted: its blocks are freed and it is recomputed later.
 """
 from __future__ import annotations
@@ -72,7 +72,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+            # Keep one free block per running sequence so the admitted batch can grow without thrashing.
+            needed = self.blocks.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
+            if self.blocks.num_free - needed < len(self.running) or not self.blocks.ensure(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

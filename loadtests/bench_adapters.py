@@ -1,0 +1,117 @@
+"""Throughput with many adapters vs base only, side by side in one run (engine level, no HTTP).
+
+The same closed-loop load (a fixed set of requests, all queued at once, `--max-num-seqs` running at a
+time) is generated (a) on the base model only and (b) spread over N distinct rank-r LoRA adapters with
+Zipf popularity. Rounds alternate a/b so drift of a noisy machine hits both alike; the medians and
+their ratio are printed.
+
+    python -m loadtests.bench_adapters --adapters 100 --rank 16 --requests 64 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from server.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.sequence import SamplingParams, Sequence
+from server.lora.peft import module_dims
+from server.models.config import ModelConfig
+
+
+def write_random_adapters(root: Path, cfg: ModelConfig, count: int, rank: int, targets: list[str], seed: int) -> dict[str, Path]:
+    """PEFT-format adapters (adapter_config.json + adapter_model.safetensors) with random weights."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(count):
+        d = root / f"lora-{i:04d}"
+        d.mkdir(parents=True)
+        tensors = {}
+        for layer in range(cfg.num_layers):
+            for module in targets:
+                d_in, d_out = module_dims(cfg, module)
+                prefix = f"base_model.model.model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets}))
+        out[d.name] = d
+    return out
+
+
+def zipf_choices(names: list[str], n: int, alpha: float, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(names) + 1) ** alpha
+    return list(rng.choice(names, size=n, p=weights / weights.sum()))
+
+
+def run_load(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, float]:
+    """Returns (generated tokens/s, mean distinct adapters per decode step)."""
+    seqs = [Sequence(list(p), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), a) for p, a in zip(prompts, adapters)]
+    for s in seqs:
+        engine.add(s)
+    distinct = []
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+        distinct.append(engine.last_step.num_adapters)
+    elapsed = time.perf_counter() - t0
+    return sum(len(s.output_token_ids) for s in seqs) / elapsed, float(np.mean(distinct))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded SmolLM2)")
+    ap.add_argument("--adapters", type=int, default=100)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules (PEFT's default for Llama: q_proj,v_proj)")
+    ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of adapter popularity")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_tokens=16384))
+    targets = args.targets.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = write_random_adapters(Path(tmp), engine.model.config, args.adapters, args.rank, targets, args.seed)
+        for name, path in dirs.items():
+            engine.load_adapter(name, path)
+    rng = np.random.default_rng(args.seed)
+    vocab = engine.model.config.vocab_size
+    prompts = [rng.integers(100, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
+    lora = zipf_choices(sorted(dirs), args.requests, args.zipf, args.seed)
+    base = [None] * args.requests
+    print(f"model {engine.model_name} ({args.dtype}), torch threads {torch.get_num_threads()}; {args.requests} requests x "
+          f"{args.prompt_len} prompt + {args.max_tokens} generated tokens, {args.max_num_seqs} running at a time")
+    print(f"adapters: {args.adapters} x rank {args.rank} on {','.join(targets)}, Zipf a={args.zipf}: "
+          f"{len(set(lora))} distinct adapters in the load, adapter pools {engine.adapters.pool_bytes / 2**20:.0f} MiB")
+    run_load(engine, prompts[:8], base[:8], 8)  # warm-up
+    results = {"base": [], "lora": []}
+    for r in range(args.rounds):
+        for kind, adapters in (("base", base), ("lora", lora)):
+            tps, distinct = run_load(engine, prompts, adapters, args.max_tokens)
+            results[kind].append(tps)
+            print(f"round {r + 1} {kind:>4}: {tps:7.1f} tokens/s  (distinct adapters per step: {distinct:.1f})")
+    base_tps, lora_tps = statistics.median(results["base"]), statistics.median(results["lora"])
+    print(f"median base-only   : {base_tps:7.1f} tokens/s")
+    print(f"median {args.adapters} adapters: {lora_tps:7.1f} tokens/s")
+    print(f"ratio multi-adapter / base-only: {lora_tps / base_tps:.3f}")
+
+
+if __name__ == "__main__":
+    main()
