@@ -56,11 +56,22 @@ def adapter_dirs(model_dir, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def engine(model_dir, adapter_dirs):
+def _engine(model_dir, adapter_dirs):
     from server.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=model_dir, adapters=dict(adapter_dirs), kv_cache_tokens=8192, served_model_name="smollm2"))
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir, adapter_dirs):
+    """An engine that tests step directly, on the test thread."""
+    return _engine(model_dir, adapter_dirs)
+
+
+@pytest.fixture(scope="session")
+def server_engine(model_dir, adapter_dirs):
+    """The live server's own engine: its loop thread steps it, so no test may step it directly."""
+    return _engine(model_dir, adapter_dirs)
 
 
 def free_port() -> int:
@@ -95,8 +106,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def live_server(engine):
+def live_server(server_engine):
     from server.api.app import build_app
 
-    with LiveServer(build_app(engine)) as srv:
+    with LiveServer(build_app(server_engine)) as srv:
         yield srv

@@ -78,7 +78,8 @@ def test_unknown_model_is_404_with_openai_error_body(client, live_server):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_prompt_longer_than_the_context_is_400(client, engine):
+def test_prompt_longer_than_the_context_is_400(client, server_engine):
+    engine = server_engine
     too_long = list(range(100, 100 + engine.max_model_len + 1))
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="smollm2", prompt=too_long, max_tokens=1)
@@ -125,11 +126,13 @@ def test_health_and_metrics(live_server, client):
         assert name in text, name
 
 
-def test_api_key_is_required_when_configured(engine):
+def test_api_key_is_required_when_configured(model_dir, adapter_dirs):
     from server.api.app import build_app
     from tests.conftest import LiveServer
 
-    with LiveServer(build_app(engine, api_key="s3cret")) as srv:
+    from tests.conftest import _engine
+
+    with LiveServer(build_app(_engine(model_dir, {}), api_key="s3cret")) as srv:
         bad = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
