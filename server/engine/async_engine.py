@@ -9,11 +9,10 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.llm_engine import LLMEngine, StepStats
+from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)

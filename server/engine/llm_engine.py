@@ -17,6 +17,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.lora.manager import AdapterManager
 from server.lora.peft import load_peft_lora
+from server.models.config import ModelConfig
 from server.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         kv_tokens = config.kv_cache_tokens
         limit = config.max_model_len or 10**9
-        from server.models.config import ModelConfig
-
         mcfg = ModelConfig.from_dir(self.model_dir)
         self.max_model_len = min(limit, mcfg.max_position_embeddings, kv_tokens)
         t0 = time.perf_counter()

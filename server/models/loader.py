@@ -26,18 +26,13 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, progress
         raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg, dtype, max_positions)
-    params = dict(model.named_parameters())
     loaded: set[str] = set()
     handles = [safe_open(str(f), framework="pt") for f in files]
     keys = [(h, k) for h in handles for k in h.keys()]
     for handle, key in tqdm(keys, desc=f"Loading {model_dir.name}", unit="tensor", disable=not progress, leave=False):
         target = _place(model, key)
         if target is None:
-            if key != "lm_head.weight":
-                log.debug("ignoring checkpoint tensor %s", key)
-            elif not cfg.tie_word_embeddings:
-                model.lm_head_weight = handle.get_tensor(key).to(dtype)
-                loaded.add("lm_head")
+            log.debug("ignoring checkpoint tensor %s", key)
             continue
         dest, name = target
         src = handle.get_tensor(key)
@@ -45,23 +40,19 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, progress
             raise ValueError(f"{key}: checkpoint shape {tuple(src.shape)} does not fit the config's {tuple(dest.shape)}")
         dest.copy_(src)
         loaded.add(name)
-    expected = {k for k in _expected_names(model)}
-    missing = expected - loaded
-    if not cfg.tie_word_embeddings and "lm_head" not in loaded:
-        missing.add("lm_head.weight")
+    missing = set(_expected_names(model)) - loaded
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     return model.eval()
 
 
 def _expected_names(model: LlamaForCausalLM) -> list[str]:
-    names = ["embed_tokens.weight", "norm.weight"]
+    names = ["embed_tokens.weight", "norm.weight"] + ([] if model.config.tie_word_embeddings else ["lm_head.weight"])
     for i, layer in enumerate(model.layers):
-        for lin_name, lin in (("qkv_proj", layer.qkv_proj), ("o_proj", layer.o_proj), ("gate_up_proj", layer.gate_up_proj), ("down_proj", layer.down_proj)):
-            for slot in lin.slots:
-                names.append(f"{i}.{slot}.weight")
-                if lin.bias is not None:
-                    names.append(f"{i}.{slot}.bias")
+        for slot, lin in layer.adapter_targets().items():
+            names.append(f"{i}.{slot}.weight")
+            if lin.bias is not None:
+                names.append(f"{i}.{slot}.bias")
         names += [f"{i}.input_layernorm", f"{i}.post_attention_layernorm"]
     return names
 
@@ -70,6 +61,8 @@ def _place(model: LlamaForCausalLM, key: str) -> tuple[torch.Tensor, str] | None
     """The destination view of a checkpoint tensor, and the name it is tracked under."""
     if key == "model.embed_tokens.weight":
         return model.embed_tokens.weight.data, "embed_tokens.weight"
+    if key == "lm_head.weight":
+        return (None if model.config.tie_word_embeddings else (model.lm_head_weight.data, "lm_head.weight"))
     if key == "model.norm.weight":
         return model.norm.weight.data, "norm.weight"
     if m := _NORM_KEY.match(key):
