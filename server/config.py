@@ -18,4 +18,5 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None = the model's context, capped by the KV cache
     max_lora_rank: int = 64
+    adapter_memory_bytes: int | None = None  # device row-pool budget; None = unbounded
     threads: int | None = None

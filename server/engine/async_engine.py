@@ -71,6 +71,13 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", seq))
 
+    async def call(self, fn):
+        """Run fn(engine) on the engine thread between steps (adapter pools are only touched there)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (fn, loop, future)))
+        return await future
+
     def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
@@ -86,6 +93,8 @@ class AsyncEngine:
                         engine.add(seq)
                     elif kind == "abort":
                         engine.abort(seq)
+                    elif kind == "call":
+                        self._run_call(*seq)
                 if not engine.has_work():
                     continue
                 updates = engine.step()
@@ -100,6 +109,14 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(e)
 
+    def _run_call(self, fn, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as e:
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
     def _emit(self, seq_id: int, item) -> None:
         target = self._streams.get(seq_id)
         if target is not None:
@@ -111,3 +128,12 @@ class AsyncEngine:
         for seq in list(sched.running) + list(sched.waiting):
             self.engine.abort(seq)
             self._emit(seq.seq_id, RuntimeError(f"engine error: {error}"))
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -69,13 +69,15 @@ class LLMEngine:
             t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
         )
 
-        self.adapters = AdapterManager(self.model)
+        self.adapters = AdapterManager(self.model, config.adapter_memory_bytes)
         for name, path in self._adapter_sources().items():
             self.load_adapter(name, path)
 
         num_blocks = kv_tokens // config.block_size
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter
+        )
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
         log.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
@@ -95,9 +97,24 @@ class LLMEngine:
         return sources
 
     def load_adapter(self, name: str, path: Path) -> None:
+        """A static adapter from a local directory: pinned in the device pools for the server's life."""
         weights = load_peft_lora(Path(path), name, self.model.config, self.model.dtype, self.config.max_lora_rank)
-        self.adapters.add(weights)
+        self.adapters.add(weights, pinned=True)
         log.info("adapter %s: rank %d, %d modules, %.1f MiB", name, weights.rank, len(weights.modules), weights.num_bytes / 2**20)
+
+    def _acquire_adapter(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            return True
+        if self.adapters.get(seq.adapter) is None:
+            if seq.adapter_weights is None:
+                raise KeyError(f"adapter {seq.adapter!r} is neither resident nor supplied with the request")
+            if self.adapters.ensure_resident(seq.adapter_weights) is None:
+                return False
+        self.adapters.acquire(seq.adapter)
+        return True
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        self.adapters.release(seq.adapter)
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:

@@ -8,6 +8,7 @@ admitted sequence is preempted: its blocks are freed and it is recomputed later.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
@@ -26,8 +27,18 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        acquire_adapter: Callable[[Sequence], bool] = lambda seq: True,
+        release_adapter: Callable[[Sequence], None] = lambda seq: None,
+    ):
+        """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now);
+        release_adapter undoes the count when the sequence leaves the running batch."""
         self.blocks = block_manager
+        self.acquire_adapter, self.release_adapter = acquire_adapter, release_adapter
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -46,7 +57,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        self._leave(seq)
         seq.finish("abort")
 
     def schedule(self) -> list[ScheduledSeq]:
@@ -69,23 +80,37 @@ class Scheduler:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # Admitting while preempting would only thrash the cache.
+        blocked_by_adapter: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             # Keep one free block per running sequence so the admitted batch can grow without thrashing.
             needed = self.blocks.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
-            if self.blocks.num_free - needed < len(self.running) or not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+            if self.blocks.num_free - needed < len(self.running):
                 break
+            if not self.acquire_adapter(seq):
+                # its adapter cannot be placed until others go idle: let the requests behind it pass
+                blocked_by_adapter.append(self.waiting.popleft())
+                continue
+            seq.holds_adapter = True
+            self.blocks.ensure(seq, seq.num_computed_tokens + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(blocked_by_adapter))
         return scheduled
+
+    def _leave(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq.holds_adapter:
+            seq.holds_adapter = False
+            self.release_adapter(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self._leave(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -109,4 +134,4 @@ class Scheduler:
         """Free the blocks of sequences finished by postprocess or by a stop string."""
         for seq in [s for s in self.running if s.is_finished]:
             self.running.remove(seq)
-            self.blocks.free(seq)
+            self._leave(seq)

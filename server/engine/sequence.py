@@ -35,7 +35,8 @@ _ids = itertools.count()
 class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # None = base model
+    adapter: str | None = None  # None = base model; else the key of a resident or loadable adapter
+    adapter_weights: object | None = None  # host-RAM LoraWeights to place on the device if it is not resident
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
@@ -44,6 +45,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    holds_adapter: bool = False  # counted as a user of its adapter (so it cannot be evicted)
 
     @property
     def num_tokens(self) -> int:

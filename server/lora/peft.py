@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 from server.models.config import ModelConfig
 
@@ -54,22 +54,39 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def read_adapter_config(path: Path) -> dict:
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise AdapterError(f"{path}: adapter_config.json is missing")
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def parse_adapter_config(raw: bytes, name: str) -> dict:
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: adapter_config.json is not valid JSON ({e})") from None
+        raise AdapterError(f"{name}: {CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: adapter_config.json must hold a JSON object")
+        raise AdapterError(f"{name}: {CONFIG_FILE} must hold a JSON object")
     return cfg
 
 
-def load_peft_lora(path: Path, name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int) -> LoraWeights:
+def read_adapter_files(path: Path, name: str) -> dict[str, bytes]:
+    """The two PEFT files of a directory, as bytes."""
     path = Path(path)
-    cfg = read_adapter_config(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise AdapterError(f"{name}: {path} has no {CONFIG_FILE}")
+    if not (path / WEIGHTS_FILE).is_file():
+        hint = " (pickled adapter_model.bin is never loaded: convert it to safetensors)" if (path / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{name}: {WEIGHTS_FILE} is missing{hint}")
+    return {CONFIG_FILE: (path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: (path / WEIGHTS_FILE).read_bytes()}
+
+
+def load_peft_lora(path: Path, name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int) -> LoraWeights:
+    return parse_peft_lora(read_adapter_files(path, name), name, model_cfg, dtype, max_rank)
+
+
+def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int) -> LoraWeights:
+    """Validate PEFT LoRA files against the base model and return its weights (A, B, scale per module)."""
+    if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
+        raise AdapterError(f"{name}: a LoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg = parse_adapter_config(files[CONFIG_FILE], name)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{name}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
     if cfg.get("use_dora"):
@@ -78,14 +95,10 @@ def load_peft_lora(path: Path, name: str, model_cfg: ModelConfig, dtype: torch.d
         raise AdapterError(f"{name}: adapters that train biases (bias={cfg['bias']!r}) are not supported")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{name}: modules_to_save {cfg['modules_to_save']} is not supported: only LoRA deltas are served")
-    weights_path = path / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        hint = " (pickled adapter_model.bin is never loaded: convert it to safetensors)" if (path / "adapter_model.bin").exists() else ""
-        raise AdapterError(f"{name}: adapter_model.safetensors is missing{hint}")
     try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{name}: adapter_model.safetensors is unreadable ({e})") from None
+        tensors = safetensors_load(files[WEIGHTS_FILE])
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -110,6 +123,8 @@ def load_peft_lora(path: Path, name: str, model_cfg: ModelConfig, dtype: torch.d
         a, b = ab["A"], ab["B"]
         d_in, d_out = module_dims(model_cfg, module)
         r = a.shape[0]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{name}: layer {layer} {module} weights must be floating point")
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape != (d_out, r):
             raise AdapterError(
                 f"{name}: layer {layer} {module} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
