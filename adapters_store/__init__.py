@@ -39,4 +39,5 @@ __all__ = [
     "TenantExists",
     "TenantNotFound",
     "open_store",
+    "validate_name",
 ]

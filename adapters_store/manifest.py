@@ -92,7 +92,7 @@ class AdapterManifest:
         provenance: dict[str, Any] | None = None,
     ) -> "AdapterManifest":
         """Manifest for file contents about to be published (hashes and sizes computed here)."""
-        entries = {fname: {"sha256": sha256_hex(data), "bytes": len(data)} for fname, data in files.items()}
+        entries: dict[str, dict[str, Any]] = {f: {"sha256": sha256_hex(data), "bytes": len(data)} for f, data in files.items()}
         manifest = cls(
             tenant=tenant,
             name=name,
@@ -123,7 +123,7 @@ class AdapterManifest:
         return json.dumps(self._as_dict(), sort_keys=True, indent=1)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "AdapterManifest":
+    def from_json(cls, text: str | builtins.bytes) -> "AdapterManifest":
         try:
             raw = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -15,6 +15,7 @@ same version. Deleting an adapter removes its manifests; orphaned blobs are recl
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 from collections.abc import Awaitable, Iterable
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import AdapterExists, AdapterNotFound, CorruptObject, ManifestError, ObjectNotFound
-from .manifest import AdapterManifest, sha256_hex, validate_file_name, validate_name
+from .manifest import SHA256_RE, AdapterManifest, sha256_hex, validate_file_name, validate_name
 from .stores import ObjectStore
 from .tenants import TenantDirectory
 
@@ -138,7 +139,7 @@ class Registry:
             manifest = manifest.with_version(latest + 1)
         raise AdapterExists(f"could not claim a new version of {tenant}/{name}: too many concurrent publishes, retry")
 
-    async def versions(self, tenant: str, name: str) -> list[int]:
+    async def versions(self, tenant: str, name: str) -> builtins.list[int]:
         """All stored version numbers of tenant/name, ascending (empty if none)."""
         validate_name(tenant, "tenant name")
         validate_name(name, "adapter name")
@@ -230,7 +231,7 @@ class Registry:
         contents = await self._gather(fetch(f, manifest.files[f]) for f in names)
         return dict(zip(names, contents))
 
-    async def collect_garbage(self, min_age_s: float | None = None) -> list[str]:
+    async def collect_garbage(self, min_age_s: float | None = None) -> builtins.list[str]:
         """Delete blobs no manifest references and older than `min_age_s` (default gc_grace_s).
 
         Returns the deleted blob hashes. Safe next to running publishes only with the default grace
@@ -249,11 +250,12 @@ class Registry:
 
         live = {digest for hashes in await self._gather(referenced(k) for k in keys) for digest in hashes}
         now = datetime.now(timezone.utc)
-        doomed = [
-            info.key.rsplit("/", 1)[-1]
-            for info in await self.store.list_info(BLOBS_DIR)
-            if info.key.rsplit("/", 1)[-1] not in live and (now - info.last_modified).total_seconds() >= min_age_s
-        ]
+        doomed = []
+        for info in await self.store.list_info(BLOBS_DIR):
+            digest = info.key.rsplit("/", 1)[-1]
+            # Only well-formed blob names: never touch a backend's temp files or foreign objects.
+            if SHA256_RE.match(digest) and digest not in live and (now - info.last_modified).total_seconds() >= min_age_s:
+                doomed.append(digest)
         await self._gather(self.store.delete(blob_key(d)) for d in doomed)
         if doomed:
             log.info("garbage collection deleted %d unreferenced blobs", len(doomed))
@@ -283,7 +285,7 @@ class Registry:
                 return
         await self.store.put(key, data)
 
-    async def _gather(self, coros: Iterable[Awaitable[T]]) -> list[T]:
+    async def _gather(self, coros: Iterable[Awaitable[T]]) -> builtins.list[T]:
         """asyncio.gather with a concurrency limit (a store may have thousands of objects)."""
         limit = asyncio.Semaphore(self._max_concurrency)
 
@@ -291,7 +293,7 @@ class Registry:
             async with limit:
                 return await coro
 
-        return list(await asyncio.gather(*(bounded(c) for c in coros)))
+        return builtins.list(await asyncio.gather(*(bounded(c) for c in coros)))
 
     @staticmethod
     def _exists_error(tenant: str, name: str, version: int) -> AdapterExists:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import obstore.store as obs_store
 
 from .errors import InvalidName
 from .stores import ObstoreBackend, validate_key
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
 
 
 def _first_env(*names: str) -> str | None:
@@ -57,12 +61,13 @@ class S3Store(ObstoreBackend):
         secret_access_key = secret_access_key or _first_env("AWS_SECRET_ACCESS_KEY")
         session_token = session_token or _first_env("AWS_SESSION_TOKEN", "AWS_TOKEN")
 
-        config: dict[str, object] = {"region": region}
+        config: S3Config = {"region": region}
         if access_key_id and secret_access_key:
-            config |= {"access_key_id": access_key_id, "secret_access_key": secret_access_key}
+            config["access_key_id"] = access_key_id
+            config["secret_access_key"] = secret_access_key
             if session_token:
                 config["session_token"] = session_token
-        client: dict[str, object] = {
+        client: ClientConfig = {
             "connect_timeout": timedelta(seconds=connect_timeout_s),
             "read_timeout": timedelta(seconds=read_timeout_s),  # detects a stalled transfer
             "timeout": timedelta(seconds=request_timeout_s),  # whole request: large blobs need time
@@ -78,7 +83,7 @@ class S3Store(ObstoreBackend):
             # Plain http is only ever used when the operator wrote http:// (e.g. a loopback test server).
             client["allow_http"] = ep.scheme == "http"
             shown_endpoint = f"{ep.scheme}://{ep.hostname}" + (f":{ep.port}" if ep.port else "")
-        retry = {
+        retry: RetryConfig = {
             "max_retries": max_retries,
             "retry_timeout": timedelta(seconds=retry_timeout_s),
             "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=1), "base": 2},
@@ -93,4 +98,5 @@ class S3Store(ObstoreBackend):
             f"s3://{self.bucket}/{self.prefix} at {shown_endpoint}",
             secrets=secrets,
             hint=f"check that the S3 endpoint {shown_endpoint} is reachable and bucket '{self.bucket}' exists",
+            auth_hint="check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and bucket permissions",
         )

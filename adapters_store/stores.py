@@ -9,6 +9,7 @@ answer 404 / 503 without knowing which backend it runs on.
 """
 from __future__ import annotations
 
+import builtins
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,8 @@ from .errors import InvalidName, ObjectNotFound, RegistryError, StoreUnavailable
 # with a ValueError, and "#<digits>" suffixes clash with LocalStore's temp files, so be strict.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _MAX_MESSAGE = 400
+_S3_ERROR_CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+_HTTP_STATUS = re.compile(r"status code: (\d{3})")
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class ObjectStore(Protocol):
     async def put_if_absent(self, key: str, data: bytes) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def list(self, prefix: str = "") -> list[str]: ...
-    async def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+    async def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]: ...
     async def head(self, key: str) -> ObjectInfo: ...
     async def exists(self, key: str) -> bool: ...
 
@@ -74,29 +77,41 @@ class ObstoreBackend:
     "adapters/a/x.json" but not "adapters/ab/x.json".
     """
 
-    def __init__(self, inner: Any, description: str, *, secrets: tuple[str, ...] = (), hint: str = "") -> None:
+    def __init__(
+        self, inner: Any, description: str, *, secrets: tuple[str, ...] = (), hint: str = "", auth_hint: str = ""
+    ) -> None:
         self._inner = inner
         self.description = description
         self._secrets = tuple(s for s in secrets if s)
         self._hint = hint or "check that the object store is reachable and retry"
+        self._auth_hint = auth_hint or "check the store's credentials and permissions"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
 
     # -- error translation -------------------------------------------------------------------
     def _error(self, op: str, key: str, exc: BaseException) -> RegistryError:
-        if isinstance(exc, (FileNotFoundError, obs_exc.NotFoundError)):
+        if isinstance(exc, (FileNotFoundError, obs_exc.NotFoundError)) and "NoSuchBucket" not in str(exc):
             return ObjectNotFound(f"no object '{key}' in {self.description}")
         if isinstance(exc, ValueError):  # obstore's path parser
             return InvalidName(f"invalid object key {key!r} for {self.description}")
-        detail = str(exc).split("\n\nDebug source", 1)[0].strip().splitlines()
-        text = detail[0] if detail else type(exc).__name__
+        full = str(exc).split("\n\nDebug source", 1)[0].strip()
+        text = full.splitlines()[0].split(": <?xml", 1)[0].rstrip(": ") if full else type(exc).__name__
+        code = _S3_ERROR_CODE.search(full)
+        status = _HTTP_STATUS.search(full)
+        if code:
+            text += f" [{code.group(1)}]"
         for secret in self._secrets:
             text = text.replace(secret, "***")
         if len(text) > _MAX_MESSAGE:
             text = text[:_MAX_MESSAGE] + "..."
-        if isinstance(exc, (obs_exc.PermissionDeniedError, obs_exc.UnauthenticatedError)):
-            hint = "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and bucket permissions"
+        auth_failed = isinstance(exc, (obs_exc.PermissionDeniedError, obs_exc.UnauthenticatedError)) or (
+            status is not None and status.group(1) in ("401", "403")
+        )
+        if auth_failed:
+            hint = self._auth_hint
+        elif code and code.group(1) == "NoSuchBucket":
+            hint = "the bucket does not exist; create it first"
         else:
             hint = self._hint
         return StoreUnavailable(f"object store {self.description} failed to {op} '{key}': {text} ({hint})")
@@ -134,19 +149,20 @@ class ObstoreBackend:
         validate_key(key)
         try:
             await obstore.delete_async(self._inner, key)
-        except (FileNotFoundError, obs_exc.NotFoundError):
-            return
         except (obs_exc.BaseError, OSError, ValueError) as exc:
-            raise self._error("delete", key, exc) from None
+            error = self._error("delete", key, exc)
+            if not isinstance(error, ObjectNotFound):
+                raise error from None
 
-    async def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         arg = _prefix_arg(prefix)
         try:
             metas = await obstore.list(self._inner, arg).collect_async()
-        except (FileNotFoundError, obs_exc.NotFoundError):
-            return []
         except (obs_exc.BaseError, OSError, ValueError) as exc:
-            raise self._error("list", prefix or "/", exc) from None
+            error = self._error("list", prefix or "/", exc)
+            if isinstance(error, ObjectNotFound):  # a local directory that does not exist yet
+                return []
+            raise error from None
         return [ObjectInfo(m["path"], m["size"], m["last_modified"]) for m in metas]
 
     async def list(self, prefix: str = "") -> list[str]:
@@ -178,7 +194,12 @@ class LocalStore(ObstoreBackend):
         except OSError as exc:
             raise StoreUnavailable(f"cannot create store directory {self.root}: {exc.strerror}") from None
         inner = obs_store.LocalStore(self.root, automatic_cleanup=True)
-        super().__init__(inner, f"file://{self.root}", hint=f"check that {self.root} is writable and not full")
+        super().__init__(
+            inner,
+            f"file://{self.root}",
+            hint=f"check that {self.root} is writable and not full",
+            auth_hint=f"check the file permissions of {self.root}",
+        )
 
 
 class MemoryStore(ObstoreBackend):

@@ -47,6 +47,16 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _valid_record(record: object, tenant: str) -> bool:
+    return (
+        isinstance(record, dict)
+        and set(record) == {"name", "created_at", "keys"}
+        and record["name"] == tenant
+        and isinstance(record["keys"], list)
+        and all(isinstance(k, dict) and {"id", "sha256", "created_at"} <= set(k) for k in record["keys"])
+    )
+
+
 class TenantDirectory:
     def __init__(self, store: ObjectStore, *, key_cache_ttl_s: float = 2.0, stale_auth_limit_s: float = 300.0) -> None:
         self.store = store
@@ -71,7 +81,7 @@ class TenantDirectory:
             record = json.loads(raw)
         except ValueError:
             record = None
-        if not isinstance(record, dict) or set(record) != {"name", "created_at", "keys"} or record["name"] != tenant:
+        if not _valid_record(record, tenant):
             raise CorruptObject(f"tenant file {tenant_key(tenant)} in {self.store.description} is malformed; fix or recreate it")
         return record
 
@@ -172,6 +182,7 @@ class TenantDirectory:
 
         index: dict[str, tuple[str, str]] = {}
         for record in await asyncio.gather(*(load(t) for t in await self.list())):
-            for k in (record or {}).get("keys", []):
-                index[k["sha256"]] = (record["name"], k["id"])
+            if record is not None:
+                for k in record["keys"]:
+                    index[k["sha256"]] = (record["name"], k["id"])
         return index

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from server.admin_client import add_admin_commands, run_admin_command
+
 
 def _adapter_arg(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
@@ -36,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     serve.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"), help="bearer key required on every API call (env HOTSWAP_ADMIN_KEY); without one the server listens on loopback only")
+    serve.add_argument("--store", default="./var/store", help="adapter registry: a local directory, s3://bucket/prefix, or memory://")
+    serve.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL or AWS); credentials from the AWS environment variables")
+    serve.add_argument("--cache-dir", type=Path, default=None, help="local disk cache of adapter files (default: $HOTSWAP_HOME/adapter-cache)")
+    serve.add_argument("--disk-cache-bytes", type=int, default=20 * 2**30)
+    serve.add_argument("--host-adapter-bytes", type=int, default=4 * 2**30, help="host-RAM budget for parsed adapters")
+    serve.add_argument("--adapter-memory-bytes", type=int, default=2 * 2**30, help="device budget for adapter row pools")
+    serve.add_argument("--max-adapter-bytes", type=int, default=512 * 2**20, help="largest adapter upload accepted")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    add_admin_commands(sub)
 
     fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
     fetch.set_defaults(command="fetch-model")
@@ -51,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_embedded_model())
         return 0
+    if args.command in ("adapters", "tenants"):
+        return run_admin_command(args)
     return _serve(args)
 
 
@@ -67,6 +80,7 @@ def _serve(args) -> int:
 
     import uvicorn
 
+    from server.adapters.service import build_adapter_service
     from server.api.app import build_app
     from server.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
@@ -76,10 +90,13 @@ def _serve(args) -> int:
         adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
-        max_lora_rank=args.max_lora_rank, threads=args.threads,
+        max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
     )
     engine = LLMEngine(config)
-    uvicorn.run(build_app(engine, api_key=args.admin_key), host=args.host, port=args.port, log_level=args.log_level)
+    service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
+    logging.getLogger("hotswap").info("adapter registry: %s", service.registry.store.description)
+    app = build_app(engine, api_key=args.admin_key, adapter_service=service, max_adapter_bytes=args.max_adapter_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

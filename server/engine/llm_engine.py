@@ -1,6 +1,7 @@
 """The synchronous engine: load model and adapters, then step."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class LLMEngine:
         else:
             self.model_name = config.served_model_name or Path(model_dir).name
         self.model_dir = Path(model_dir)
+        # adapters are checked against this: same name and same architecture/config
+        self.base_fingerprint = f"{self.model_name}:{hashlib.sha256((self.model_dir / 'config.json').read_bytes()).hexdigest()[:16]}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         kv_tokens = config.kv_cache_tokens
         limit = config.max_model_len or 10**9
@@ -70,6 +73,7 @@ class LLMEngine:
         )
 
         self.adapters = AdapterManager(self.model, config.adapter_memory_bytes)
+        self.static_adapters: set[str] = set()  # --adapter / --adapters-dir: pinned, usable by every caller
         for name, path in self._adapter_sources().items():
             self.load_adapter(name, path)
 
@@ -100,16 +104,18 @@ class LLMEngine:
         """A static adapter from a local directory: pinned in the device pools for the server's life."""
         weights = load_peft_lora(Path(path), name, self.model.config, self.model.dtype, self.config.max_lora_rank)
         self.adapters.add(weights, pinned=True)
+        self.static_adapters.add(name)
         log.info("adapter %s: rank %d, %d modules, %.1f MiB", name, weights.rank, len(weights.modules), weights.num_bytes / 2**20)
 
     def _acquire_adapter(self, seq: Sequence) -> bool:
         if seq.adapter is None:
             return True
-        if self.adapters.get(seq.adapter) is None:
-            if seq.adapter_weights is None:
-                raise KeyError(f"adapter {seq.adapter!r} is neither resident nor supplied with the request")
-            if self.adapters.ensure_resident(seq.adapter_weights) is None:
-                return False
+        if self.adapters.get(seq.adapter) is not None:
+            self.adapters.touch(seq.adapter)
+        elif seq.adapter_weights is None:
+            raise KeyError(f"adapter {seq.adapter!r} is neither resident nor supplied with the request")
+        elif self.adapters.ensure_resident(seq.adapter_weights) is None:
+            return False
         self.adapters.acquire(seq.adapter)
         return True
 

@@ -72,7 +72,7 @@ class AdapterManager:
         self.rows = RowAllocator(initial_rows)
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
-        self.evictions = 0
+        self.evictions = self.hits = self.misses = 0
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, name: str) -> ResidentAdapter | None:
@@ -97,7 +97,7 @@ class AdapterManager:
         """Place the adapter in the pools if it is not there, evicting idle ones to fit; None if it cannot fit now."""
         entry = self.resident.get(weights.name)
         if entry is not None:
-            self.resident.move_to_end(weights.name)
+            self.touch(weights.name)
             return entry
         for layer, module in weights.modules:  # new pools first: they change what a row costs
             self._ensure_pool(layer, module)
@@ -113,7 +113,13 @@ class AdapterManager:
         self._write(start, weights)
         entry = ResidentAdapter(weights.name, start, weights.rank, weights.num_bytes)
         self.resident[weights.name] = entry
+        self.misses += 1
         return entry
+
+    def touch(self, name: str) -> None:
+        """A request uses a resident adapter: a hit, and the most recently used now."""
+        self.resident.move_to_end(name)
+        self.hits += 1
 
     def add(self, weights: LoraWeights, pinned: bool = False) -> ResidentAdapter:
         if weights.name in self.resident:

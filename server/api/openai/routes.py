@@ -19,7 +19,7 @@ def _respond(result):
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return request.app.state.serving.list_models()
+    return await request.app.state.serving.list_models(request)
 
 
 @router.post("/completions")

@@ -7,7 +7,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from datetime import datetime
+
 from fastapi import Request
+
+from adapters_store import StoreUnavailable
+from server.adapters.service import AdapterService, device_key
+from server.auth import Principal, api_principal
 
 from server.api.errors import APIError
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
@@ -17,25 +23,48 @@ from server.metrics import Metrics
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics):
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, adapter_service: AdapterService | None = None):
         self.engine = engine
+        self.adapter_service = adapter_service
         self.metrics = metrics
         self.llm = engine.engine
         self.created = int(time.time())
 
     # -- models ----------------------------------------------------------------------------
-    def list_models(self) -> ModelList:
+    async def list_models(self, raw: Request) -> ModelList:
+        principal = await self.principal(raw)
         base = self.llm.model_name
         cards = [ModelCard(id=base, created=self.created, root=str(self.llm.model_dir))]
-        cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.llm.adapters.resident)]
+        cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.llm.static_adapters)]
+        service = self.adapter_service
+        if service is not None:
+            try:
+                manifests = await service.registry.list(principal.tenant if not principal.admin else None)
+                if principal.tenant is not None:  # plus other tenants' public adapters
+                    manifests += [m for m in await service.registry.list() if m.public and m.tenant != principal.tenant]
+            except StoreUnavailable as e:
+                raise APIError(503, f"the adapter store is unreachable: {e}", type="service_unavailable", code="store_unavailable", headers={"Retry-After": "5"}) from None
+            for m in manifests:
+                model_id = m.name if m.tenant == principal.tenant else f"{m.tenant}/{m.name}"
+                cards.append(ModelCard(id=model_id, created=_epoch(m.created_at), parent=base, owned_by=m.tenant))
         return ModelList(data=cards)
 
-    def resolve_adapter(self, model: str) -> str | None:
+    async def principal(self, raw: Request) -> Principal:
+        state = raw.app.state
+        return await api_principal(raw, state.admin_key, state.registry)
+
+    async def resolve_adapter(self, model: str, raw: Request) -> tuple[str | None, object | None]:
+        """(engine adapter key, host weights to place if not resident) for the request's `model`."""
+        principal = await self.principal(raw)
         if model == self.llm.model_name:
-            return None
-        if self.llm.adapters.get(model) is not None:
-            return model
-        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            return None, None
+        if model in self.llm.static_adapters:
+            return model, None
+        if self.adapter_service is None:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        manifest = await self.adapter_service.resolve(principal, model)
+        weights = await self.adapter_service.weights(manifest)
+        return device_key(manifest), weights
 
     # -- request -> sequences --------------------------------------------------------------
     def _check_supported(self, req: SamplingFields) -> None:
@@ -107,21 +136,21 @@ class OpenAIServing:
         self._check_supported(req)
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-        adapter = self.resolve_adapter(req.model)
         prompts = self._completion_prompts(req)
+        adapter, weights = await self.resolve_adapter(req.model, raw)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
         seqs = [
-            Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter)
+            Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights)
             for ids in prompts for j in range(req.n)
         ]
         return await self._run("completions", req, seqs, raw, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self._check_supported(req)
-        adapter = self.resolve_adapter(req.model)
         ids = self._chat_prompt(req)
+        adapter, weights = await self.resolve_adapter(req.model, raw)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        seqs = [Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter) for j in range(req.n)]
+        seqs = [Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights) for j in range(req.n)]
         return await self._run("chat", req, seqs, raw, chat=True)
 
     async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, chat: bool):
@@ -247,3 +276,10 @@ class OpenAIServing:
             total = sum(completion_tokens)
             yield chunk([], {"prompt_tokens": usage_prompt_tokens, "completion_tokens": total, "total_tokens": usage_prompt_tokens + total})
         yield "data: [DONE]\n\n"
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0

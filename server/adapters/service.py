@@ -1,0 +1,158 @@
+"""Resolves the `model` of a request to an adapter the caller may use, and brings its weights to host RAM.
+
+Tiers: object store -> local disk cache (content-addressed) -> host RAM (HostCache) -> device row
+pools (the engine's AdapterManager). A cold adapter is fetched here, on the event loop, while the
+engine keeps decoding other requests; the sequence enters the engine only once its weights are in RAM.
+Manifests are cached briefly; while the store is unreachable, cached manifests and weights keep serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, DiskCache, Registry, StoreUnavailable
+from server.adapters.host_cache import HostCache
+from server.api.errors import APIError
+from server.auth import Principal
+from server.lora.peft import AdapterError, LoraWeights, parse_peft_lora
+from server.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    key: str | None  # None = base model; else the engine's adapter key
+    manifest: AdapterManifest | None = None  # None for the base model and static (--adapter) adapters
+
+
+def device_key(m: AdapterManifest) -> str:
+    return f"{m.tenant}/{m.name}@v{m.version}"
+
+
+def _unavailable(what: str, e: Exception) -> APIError:
+    return APIError(503, f"{what}: {e}", type="service_unavailable", code="store_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+
+
+class AdapterService:
+    def __init__(
+        self,
+        registry: Registry,
+        disk_cache: DiskCache,
+        host_cache: HostCache,
+        model_cfg: ModelConfig,
+        dtype: torch.dtype,
+        max_lora_rank: int,
+        base_model: str,
+        metrics=None,
+        manifest_ttl_s: float = 2.0,
+    ):
+        self.registry, self.disk, self.host = registry, disk_cache, host_cache
+        self.model_cfg, self.dtype, self.max_lora_rank = model_cfg, dtype, max_lora_rank
+        self.base_model = base_model
+        self.metrics = metrics
+        self.manifest_ttl_s = manifest_ttl_s
+        self._manifests: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+        self.pinned: set[tuple[str, str]] = set()
+
+    # -- names -----------------------------------------------------------------------------
+    async def manifest(self, tenant: str, name: str, *, fresh: bool = False) -> AdapterManifest:
+        """The latest version's manifest; a cached one while it is fresh, or while the store is down."""
+        cached = self._manifests.get((tenant, name))
+        if cached and not fresh and time.monotonic() - cached[0] < self.manifest_ttl_s:
+            return cached[1]
+        try:
+            m = await self.registry.get(tenant, name)
+        except AdapterNotFound:
+            self._manifests.pop((tenant, name), None)
+            raise
+        except StoreUnavailable:
+            if cached:
+                return cached[1]
+            raise
+        self._manifests[(tenant, name)] = (time.monotonic(), m)
+        return m
+
+    def forget(self, tenant: str, name: str) -> None:
+        self._manifests.pop((tenant, name), None)
+
+    async def resolve(self, principal: Principal, model: str) -> AdapterManifest:
+        """`tenant/name`, or a bare `name` of the caller's own tenant. 404 alike for missing and not allowed."""
+        not_found = APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        tenant, sep, name = model.partition("/")
+        if not sep:
+            if principal.tenant is None:
+                raise not_found
+            tenant, name = principal.tenant, model
+        try:
+            m = await self.manifest(tenant, name)
+        except AdapterNotFound:
+            raise not_found from None
+        except StoreUnavailable as e:
+            raise _unavailable(f"adapter `{model}` is not cached and the adapter store is unreachable", e) from None
+        except ValueError:  # an invalid name can name nothing
+            raise not_found from None
+        if not principal.may_use(m.tenant, m.public):
+            raise not_found
+        if m.base_model != self.base_model:
+            raise APIError(400, f"adapter `{model}` was made for base model {m.base_model}, this server serves {self.base_model}", param="model")
+        return m
+
+    # -- weights ---------------------------------------------------------------------------
+    async def weights(self, m: AdapterManifest) -> LoraWeights:
+        key = device_key(m)
+        cached = self.host.get(key)
+        if cached is not None:
+            self._count("host", hit=True)
+            return cached
+        self._count("host", hit=False)
+        future = self._inflight.get(key)
+        if future is None:  # one fetch per adapter however many requests wait for it
+            future = self._inflight[key] = asyncio.ensure_future(self._load(m, key))
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        try:
+            return await asyncio.shield(future)
+        except StoreUnavailable as e:
+            raise _unavailable(f"adapter `{m.tenant}/{m.name}` is not cached and the adapter store is unreachable", e) from None
+        except CorruptObject as e:
+            raise APIError(503, str(e), type="service_unavailable", code="adapter_corrupt", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except AdapterError as e:
+            raise APIError(400, str(e), param="model") from None
+
+    async def _load(self, m: AdapterManifest, key: str) -> LoraWeights:
+        t0 = time.perf_counter()
+        on_disk = all(f["sha256"] in self.disk for f in m.files.values())
+        self._count("disk", hit=on_disk)
+        files = await self.registry.fetch_files(m, cache=self.disk)
+        weights = await asyncio.to_thread(parse_peft_lora, files, key, self.model_cfg, self.dtype, self.max_lora_rank)
+        self.host.put(key, weights)
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.labels("disk" if on_disk else "store").observe(time.perf_counter() - t0)
+        log.info("loaded adapter %s from %s in %.0f ms", key, "disk cache" if on_disk else "the store", 1000 * (time.perf_counter() - t0))
+        return weights
+
+    def _count(self, tier: str, hit: bool) -> None:
+        if self.metrics is not None:
+            (self.metrics.adapter_hits if hit else self.metrics.adapter_misses).labels(tier).inc()
+
+
+def build_adapter_service(engine, store_url: str, s3_endpoint: str | None, cache_dir, disk_bytes: int, host_bytes: int, metrics=None) -> AdapterService:
+    """The registry on `store_url` with its disk and host caches, for the engine's base model."""
+    from pathlib import Path
+
+    from adapters_store import open_store
+    from server.models.embedded import hotswap_home
+
+    registry = Registry(open_store(store_url, s3_endpoint=s3_endpoint))
+    disk = DiskCache(Path(cache_dir) if cache_dir else hotswap_home() / "adapter-cache", disk_bytes)
+    return AdapterService(
+        registry, disk, HostCache(host_bytes), engine.model.config, engine.model.dtype,
+        engine.config.max_lora_rank, engine.base_fingerprint, metrics,
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Admin API: tenants, API keys and the adapter registry (upload, list, inspect, delete, pin)."""

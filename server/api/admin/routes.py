@@ -1,0 +1,199 @@
+"""Routes of the admin API (`Authorization: Bearer <admin key>` when one is configured)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+
+from adapters_store import (
+    AdapterExists, AdapterNotFound, InvalidName, KeyNotFound, ManifestError, StoreUnavailable, TenantExists, TenantNotFound,
+)
+from server.adapters.service import device_key
+from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive, too_large
+from server.api.errors import APIError
+from server.auth import require_admin
+from server.lora.peft import AdapterError, parse_peft_lora
+
+router = APIRouter(prefix="/admin/v1")
+
+# multipart framing and form fields around the files
+_UPLOAD_SLACK_BYTES = 64 * 1024
+
+
+class TenantCreate(BaseModel):
+    name: str
+
+
+def _admin(request: Request):
+    state = request.app.state
+    require_admin(request, state.admin_key)
+    if state.adapter_service is None:
+        raise APIError(404, "this server runs without an adapter registry", code="no_registry")
+    return state
+
+
+async def _store(call):
+    """Run a registry call, mapping its errors onto HTTP."""
+    try:
+        return await call
+    except (InvalidName, ManifestError) as e:
+        raise APIError(400, str(e)) from None
+    except (TenantExists, AdapterExists) as e:
+        raise APIError(409, str(e), code="conflict") from None
+    except (TenantNotFound, AdapterNotFound, KeyNotFound) as e:
+        raise APIError(404, str(e), type="not_found_error", code="not_found") from None
+    except StoreUnavailable as e:
+        raise APIError(503, str(e), type="service_unavailable", code="store_unavailable", headers={"Retry-After": "5"}) from None
+
+
+# -- tenants and keys ---------------------------------------------------------------------------
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, request: Request):
+    state = _admin(request)
+    return await _store(state.registry.create_tenant(body.name))
+
+
+@router.get("/tenants")
+async def list_tenants(request: Request):
+    state = _admin(request)
+    return {"data": await _store(state.registry.list_tenants())}
+
+
+@router.post("/tenants/{tenant}/keys", status_code=201)
+async def create_key(tenant: str, request: Request):
+    state = _admin(request)
+    key_id, key = await _store(state.registry.create_key(tenant))
+    return {"tenant": tenant, "id": key_id, "key": key}
+
+
+@router.delete("/tenants/{tenant}/keys/{key_id}", status_code=204)
+async def delete_key(tenant: str, key_id: str, request: Request):
+    state = _admin(request)
+    await _store(state.registry.delete_key(tenant, key_id))
+    return Response(status_code=204)
+
+
+# -- adapters -----------------------------------------------------------------------------------
+def _manifest_json(m) -> dict:
+    return dataclasses.asdict(m)
+
+
+@router.post("/adapters", status_code=201)
+async def upload_adapter(request: Request):
+    state = _admin(request)
+    limit = state.max_adapter_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + _UPLOAD_SLACK_BYTES:
+        raise too_large(limit)
+    try:
+        form = await request.form(max_files=4, max_fields=16)
+    except Exception as e:  # malformed multipart bodies raise a variety of parser errors
+        raise APIError(400, f"expected a multipart/form-data upload ({e})") from None
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+    tenant, name = fields.get("tenant"), fields.get("name")
+    if not tenant or not name:
+        raise APIError(400, "the form needs the fields `tenant` and `name`", param="tenant" if not tenant else "name")
+    family = fields.get("family", "lora")
+    if family != "lora":
+        raise APIError(400, f"adapter family {family!r} is not supported yet (supported: lora)", param="family")
+    public = fields.get("public", "false").lower() in ("1", "true", "yes")
+    new_version = fields.get("new_version", "false").lower() in ("1", "true", "yes")
+
+    files: dict[str, bytes] = {}
+    total = 0
+    for field, upload in uploads:
+        data = await upload.read(limit + 1)
+        total += len(data)
+        if len(data) > limit or total > limit:
+            raise too_large(limit)
+        filename = upload.filename or field
+        if field == "archive" or filename.endswith(ARCHIVE_SUFFIXES):
+            files.update(extract_archive(data, filename, limit))
+        else:
+            files[filename.rsplit("/", 1)[-1]] = data
+    engine = state.engine.engine
+    try:
+        weights = await asyncio.to_thread(parse_peft_lora, files, f"{tenant}/{name}", engine.model.config, engine.model.dtype, engine.config.max_lora_rank)
+    except AdapterError as e:
+        raise APIError(400, str(e), code="invalid_adapter") from None
+    ranks: dict[str, int] = {}
+    for (_, module), (a, _, _) in weights.modules.items():
+        ranks[module] = max(ranks.get(module, 0), a.shape[0])
+    manifest = await _store(state.registry.publish(
+        tenant, name, {k: files[k] for k in ("adapter_config.json", "adapter_model.safetensors")},
+        family="lora", base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
+        description=fields.get("description", ""), public=public, new_version=new_version,
+    ))  # fmt: skip
+    state.adapter_service.forget(tenant, name)
+    return JSONResponse(_manifest_json(manifest), status_code=201)
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request, tenant: str | None = None):
+    state = _admin(request)
+    return {"data": [_manifest_json(m) for m in await _store(state.registry.list(tenant))]}
+
+
+@router.get("/adapters/{tenant}/{name}")
+async def get_adapter(tenant: str, name: str, request: Request):
+    state = _admin(request)
+    service = state.adapter_service
+    m = await _store(service.manifest(tenant, name, fresh=True))
+    key = device_key(m)
+    device = await state.engine.call(lambda eng: eng.adapters.get(key) is not None)
+    body = _manifest_json(m)
+    body["residency"] = {
+        "device": device,
+        "host": key in service.host,
+        "disk": all(f["sha256"] in service.disk for f in m.files.values()),
+        "store": True,
+    }
+    body["pinned"] = (tenant, name) in service.pinned
+    return body
+
+
+@router.delete("/adapters/{tenant}/{name}")
+async def delete_adapter(tenant: str, name: str, request: Request):
+    state = _admin(request)
+    service = state.adapter_service
+    m = await _store(service.manifest(tenant, name, fresh=True))
+    versions = await _store(state.registry.delete_adapter(tenant, name))
+    service.forget(tenant, name)
+    service.pinned.discard((tenant, name))
+    key = device_key(m)
+    service.host.drop(key)
+    # Running requests keep their weights; the pools let go of them once no sequence uses them.
+    await state.engine.call(lambda eng: eng.adapters.set_pinned(key, False) or eng.adapters.remove(key))
+    return {"deleted": f"{tenant}/{name}", "versions": versions}
+
+
+@router.post("/adapters/{tenant}/{name}/pin")
+async def pin_adapter(tenant: str, name: str, request: Request):
+    state = _admin(request)
+    service = state.adapter_service
+    m = await _store(service.manifest(tenant, name, fresh=True))
+    weights = await service.weights(m)
+
+    def place(eng):
+        if eng.adapters.ensure_resident(weights) is None:
+            raise APIError(409, f"{tenant}/{name} does not fit in the adapter memory next to the adapters in use; retry later", code="no_room")
+        eng.adapters.set_pinned(device_key(m), True)
+
+    await state.engine.call(place)
+    service.pinned.add((tenant, name))
+    return {"pinned": f"{tenant}/{name}", "version": m.version}
+
+
+@router.post("/adapters/{tenant}/{name}/unpin")
+async def unpin_adapter(tenant: str, name: str, request: Request):
+    state = _admin(request)
+    service = state.adapter_service
+    m = await _store(service.manifest(tenant, name))
+    await state.engine.call(lambda eng: eng.adapters.set_pinned(device_key(m), False))
+    service.pinned.discard((tenant, name))
+    return {"unpinned": f"{tenant}/{name}"}
