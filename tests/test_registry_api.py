@@ -268,3 +268,20 @@ def test_registry_metrics_are_exported(server):
     text = httpx.get(server.base_url + "/metrics").text
     for name in ("hotswap_adapter_cache_hits_total", "hotswap_adapter_cache_misses_total", "hotswap_adapter_load_seconds", "hotswap_adapter_resident_bytes"):
         assert name in text, name
+
+
+def test_cli_pushes_lists_and_removes_through_the_admin_api(server, adapter_dirs, capsys):
+    from server.cli import main
+
+    common = ["--url", server.base_url, "--admin-key", ADMIN]
+    assert main(["tenants", "create", "initech", *common]) == 0
+    assert main(["tenants", "key", "initech", *common]) == 0
+    assert "hs-" in capsys.readouterr().out
+    assert main(["adapters", "push", str(adapter_dirs["r4-qv"]), "--tenant", "initech", "--name", "cli-pushed", *common]) == 0
+    assert "published initech/cli-pushed v1" in capsys.readouterr().out
+    assert main(["adapters", "ls", "--tenant", "initech", *common]) == 0
+    assert "initech/cli-pushed" in capsys.readouterr().out
+    assert main(["adapters", "rm", "initech/cli-pushed", *common]) == 0
+    assert server.admin.get("/admin/v1/adapters/initech/cli-pushed").status_code == 404
+    with pytest.raises(SystemExit, match="401"):
+        main(["adapters", "ls", "--url", server.base_url, "--admin-key", "wrong"])

@@ -31,8 +31,8 @@ def build_app(
     """`api_key` is the admin key: with it, /v1 needs the admin or a tenant key, /admin/v1 the admin key.
     Without it the server is open (the CLI then binds loopback only)."""
     metrics = metrics or Metrics()
-    if adapter_service is not None and adapter_service.metrics is None:
-        adapter_service.metrics = metrics
+    if adapter_service is not None:
+        adapter_service.metrics = metrics  # the service reports to the app that serves it
     async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
 
     @asynccontextmanager
