@@ -89,19 +89,32 @@ def _entry_tokens(plan: LoraPlan) -> Tensor:
     return slot.add_(plan.x_range[0]) if plan.x_range else plan.x_idx.index_select(0, slot)
 
 
-# (plan, tokens) of the last batched plan seen: a plan is built once per step and every
-# (layer, module) call of that step reuses it, so the entry->token map is computed once per step.
-# Holding the plan keeps its id from being reused; plans are never mutated after make_lora_plan.
-_last_entry_tokens: tuple[LoraPlan | None, Tensor | None] = (None, None)
+# Per-step cache: a plan is built once per engine step and every (layer, module) call of that step
+# reuses it, so the entry->token map (and its multiples by a row stride) is computed once per step,
+# not once per call. One slot, for the last batched plan seen; holding the plan keeps its id from
+# being reused. Plans are never mutated after make_lora_plan.
+_last_plan: tuple[LoraPlan | None, dict[int, Tensor]] = (None, {})
 
 
-def _cached_entry_tokens(plan: LoraPlan) -> Tensor:
-    global _last_entry_tokens
-    cached_plan, tok = _last_entry_tokens  # one tuple read: safe if several threads race here
+def _entry_offsets(plan: LoraPlan, stride: int) -> Tensor:
+    """token(entry) * stride for every bag entry; stride 1 gives the tokens themselves."""
+    global _last_plan
+    cached_plan, by_stride = _last_plan  # one tuple read: a racing thread at worst recomputes
     if cached_plan is not plan:
-        tok = _entry_tokens(plan)
-        _last_entry_tokens = (plan, tok)
-    return tok
+        by_stride = {1: _entry_tokens(plan)}
+        _last_plan = (plan, by_stride)
+    t = by_stride.get(stride)
+    if t is None:
+        t = by_stride[stride] = by_stride[1] * stride
+    return t
+
+
+def _flat(t: Tensor) -> Tensor:
+    """1-D view of t's storage from t's first element: t[i, j] is flat[i * t.stride(0) + j * t.stride(1)]."""
+    if t.is_contiguous():
+        return t.view(-1)
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,), t.storage_offset())
 
 
 def s2ft_col(y: Tensor, x: Tensor, col_idx: Tensor, col_w: Tensor, plan: LoraPlan) -> None:
@@ -127,9 +140,11 @@ def s2ft_col(y: Tensor, x: Tensor, col_idx: Tensor, col_w: Tensor, plan: LoraPla
             ys.addmm_(h, d)
     if plan.num_groups == 0:
         return
-    tok = _cached_entry_tokens(plan)
+    # [E] = x[token, column] of every bag entry, read through a flat view (cheaper than 2-D indexing)
     cols = col_idx.index_select(0, plan.bag_rows)
-    w = torch.ops.aten.index.Tensor(x, [tok, cols])  # [E] = x[token, column] of every bag entry
+    base, s1 = _entry_offsets(plan, x.stride(0)), x.stride(1)
+    pos = base.add(cols) if s1 == 1 else base.add(cols, alpha=s1)
+    w = _flat(x).index_select(0, pos)
     if w.dtype != col_w.dtype:
         w = w.to(col_w.dtype)
     # ATen op directly, as in sgmv_lora: weight, indices, offsets, scale_grad_by_freq, mode=sum,
@@ -171,9 +186,10 @@ def s2ft_row(y: Tensor, x: Tensor, row_idx: Tensor, row_w: Tensor, plan: LoraPla
     vals = h.view(-1) if plan.h_pos is None else h.view(-1).index_select(0, plan.h_pos)  # [E] bag order
     if vals.dtype != y.dtype:
         vals = vals.to(y.dtype)
-    tok = _cached_entry_tokens(plan)
+    # (token, row) pairs of every entry: accumulating index_put_ handles any y strides and repeated
+    # pairs (padding entries all point at row 0); measured faster than index_add_ on a flat view.
     rows = row_idx.index_select(0, plan.bag_rows)
-    y.index_put_((tok, rows), vals, accumulate=True)
+    y.index_put_((_entry_offsets(plan, 1), rows), vals, accumulate=True)
 
 
 def s2ft_dense_delta(idx: Tensor, w: Tensor, kind: str, d_out: int, d_in: int) -> Tensor:

@@ -55,7 +55,7 @@ def test_an_adapter_in_use_is_never_evicted(engine, host_weights):
     for layer in model.layers:
         for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
             for slot in lin.slots.values():
-                slot.lora_a = slot.lora_b = None
+                slot.pools.clear()
             lin.refresh_active()
     first = host_weights["r16-attn"]
     mgr = AdapterManager(model, budget_bytes=None)

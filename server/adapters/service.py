@@ -18,7 +18,8 @@ from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, Disk
 from server.adapters.host_cache import HostCache
 from server.api.errors import APIError
 from server.auth import Principal
-from server.lora.peft import AdapterError, LoraWeights, parse_peft_lora
+from server.families.detect import parse_adapter
+from server.lora.peft import AdapterError, LoraWeights
 from server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class AdapterService:
         on_disk = all(f["sha256"] in self.disk for f in m.files.values())
         self._count("disk", hit=on_disk)
         files = await self.registry.fetch_files(m, cache=self.disk)
-        weights = await asyncio.to_thread(parse_peft_lora, files, key, self.model_cfg, self.dtype, self.max_lora_rank)
+        weights = await asyncio.to_thread(parse_adapter, files, key, self.model_cfg, self.dtype, self.max_lora_rank, m.family)
         self.host.put(key, weights)
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels("disk" if on_disk else "store").observe(time.perf_counter() - t0)

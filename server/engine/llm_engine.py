@@ -17,7 +17,8 @@ from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.lora.manager import AdapterManager
-from server.lora.peft import load_peft_lora
+from server.families.detect import parse_adapter
+from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
 from server.models.loader import load_model
 
@@ -102,10 +103,11 @@ class LLMEngine:
 
     def load_adapter(self, name: str, path: Path) -> None:
         """A static adapter from a local directory: pinned in the device pools for the server's life."""
-        weights = load_peft_lora(Path(path), name, self.model.config, self.model.dtype, self.config.max_lora_rank)
+        files = read_adapter_files(Path(path), name)
+        weights = parse_adapter(files, name, self.model.config, self.model.dtype, self.config.max_lora_rank)
         self.adapters.add(weights, pinned=True)
         self.static_adapters.add(name)
-        log.info("adapter %s: rank %d, %d modules, %.1f MiB", name, weights.rank, len(weights.modules), weights.num_bytes / 2**20)
+        log.info("adapter %s (%s): %d units, %d modules, %.1f MiB", name, weights.family, weights.units, len(weights.modules), weights.num_bytes / 2**20)
 
     def _acquire_adapter(self, seq: Sequence) -> bool:
         if seq.adapter is None:

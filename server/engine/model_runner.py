@@ -8,7 +8,7 @@ from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from server.layers.context import ForwardContext, PrefillChunk
-from server.lora.manager import AdapterManager
+from server.lora.manager import FAMILIES, AdapterManager
 from server.models.llama import LlamaForCausalLM
 
 
@@ -26,11 +26,12 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def _adapter_key(self, seq: Sequence) -> tuple[int, int]:
+    def _adapter_key(self, seq: Sequence) -> tuple[int, int, int]:
+        """(family index, first unit, units); (-1, -1, 0) for the base model."""
         if seq.adapter is None:
-            return (-1, 0)
+            return (-1, -1, 0)
         entry = self.adapters.get(seq.adapter)
-        return (entry.row_start, entry.rank)
+        return (FAMILIES.index(entry.family), entry.row_start, entry.rank)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int | None], int]:
@@ -39,13 +40,13 @@ class ModelRunner:
         keys = [self._adapter_key(s.seq) for s in scheduled]
         is_decode = [s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
         # decode tokens first, then prefill chunks; each group sorted by adapter so adapters form segments
-        order = sorted(range(len(scheduled)), key=lambda i: (not is_decode[i], keys[i][0]))
+        order = sorted(range(len(scheduled)), key=lambda i: (not is_decode[i], keys[i]))
         bs = self.block_size
 
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        seg_indptr, seg_rows, seg_ranks = [0], [], []
+        seg_indptr, seg_keys = [0], []
         dec_tables, dec_lens, prefills, sample_rows = [], [], [], []
         for i in order:
             item, seq = scheduled[i], scheduled[i].seq
@@ -62,13 +63,11 @@ class ModelRunner:
                 prefills.append(PrefillChunk(t0, t0 + n, start, torch.tensor(table, dtype=torch.long)))
             if item.samples:
                 sample_rows.append((i, t0 + n - 1))
-            row_start, rank = keys[i]
-            if seg_rows and seg_rows[-1] == row_start:
+            if seg_keys and seg_keys[-1] == keys[i]:
                 seg_indptr[-1] = t0 + n
             else:
                 seg_indptr.append(t0 + n)
-                seg_rows.append(row_start)
-                seg_ranks.append(rank)
+                seg_keys.append(keys[i])
 
         decode_tables = decode_mask = None
         if dec_tables:
@@ -76,16 +75,15 @@ class ModelRunner:
             decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long)
             lens = torch.tensor(dec_lens)
             decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_tables), 1, 1, -1)
-        plan = None
-        if any(r >= 0 for r in seg_rows):
-            plan = make_lora_plan(seg_indptr, seg_rows, seg_ranks)
+        plans = [self._plan(seg_indptr, seg_keys, family) for family in range(len(FAMILIES))]
         ctx = ForwardContext(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             num_decode=len(dec_tables),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
             prefills=prefills,
-            lora_plan=plan,
+            lora_plan=plans[FAMILIES.index("lora")],
+            s2ft_plan=plans[FAMILIES.index("s2ft")],
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
 
@@ -96,7 +94,14 @@ class ModelRunner:
             tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
             for (i, _), tok in zip(sample_rows, tokens):
                 sampled[i] = tok
-        return sampled, len({k[0] for k in keys if k[0] >= 0})
+        return sampled, len({k for k in keys if k[0] >= 0})
+
+    @staticmethod
+    def _plan(seg_indptr: list[int], seg_keys: list[tuple[int, int, int]], family: int):
+        """The family's segment plan: other families' and base segments carry no delta for it."""
+        if not any(k[0] == family for k in seg_keys):
+            return None
+        return make_lora_plan(seg_indptr, [k[1] if k[0] == family else -1 for k in seg_keys], [k[2] if k[0] == family else 0 for k in seg_keys])
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

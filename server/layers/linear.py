@@ -1,4 +1,4 @@
-"""Linear layers whose output slices can carry per-token LoRA deltas.
+"""Linear layers whose output slices can carry per-token adapter deltas (LoRA, S²FT).
 
 A projection may fuse several logical modules (q/k/v, gate/up) into one GEMM; each logical module
 owns its adapter row pools and adds its delta into its own slice of the output.
@@ -8,23 +8,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import sgmv_lora
+from kernels import s2ft_col, s2ft_row, sgmv_lora
 from server.layers.context import ForwardContext
 
 
 class AdapterSlot:
-    """Row pools of one logical module (e.g. layer 3 `v_proj`): see `kernels.lora` for the layout."""
+    """The adapter pools of one logical module (e.g. layer 3 `v_proj`), by pool name:
 
-    __slots__ = ("name", "out_start", "out_end", "lora_a", "lora_b")
+    LoRA (`kernels.lora`): `lora_a (N, d_in)`, `lora_b (N, d_out)` — Bᵀ rows with the scale folded in.
+    S²FT (`kernels.s2ft`): `s2_col_idx (M,)`, `s2_col_w (M, d_out)`, `s2_row_idx (M,)`, `s2_row_w (M, d_in)`.
+    A family's pools exist once some resident adapter of that family targets the module.
+    """
 
-    def __init__(self, name: str, out_start: int, out_end: int):
-        self.name, self.out_start, self.out_end = name, out_start, out_end
-        self.lora_a: torch.Tensor | None = None  # (N_rows, d_in)
-        self.lora_b: torch.Tensor | None = None  # (N_rows, d_out_slice), scale folded in
+    __slots__ = ("name", "d_in", "d_out", "out_start", "out_end", "pools")
+
+    def __init__(self, name: str, d_in: int, out_start: int, out_end: int):
+        self.name, self.d_in, self.out_start, self.out_end = name, d_in, out_start, out_end
+        self.d_out = out_end - out_start
+        self.pools: dict[str, torch.Tensor] = {}
 
 
 class AdaptedLinear(torch.nn.Module):
-    """y = x Wᵀ + b, then for each logical module with adapters: y[:, slice] += LoRA delta."""
+    """y = x Wᵀ + b, then for each logical module with adapters: y[:, slice] += its tokens' adapter deltas."""
 
     def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool, dtype: torch.dtype):
         super().__init__()
@@ -35,19 +40,25 @@ class AdaptedLinear(torch.nn.Module):
         self.slots: dict[str, AdapterSlot] = {}
         start = 0
         for name, size in out_sizes.items():
-            self.slots[name] = AdapterSlot(name, start, start + size)
+            self.slots[name] = AdapterSlot(name, in_features, start, start + size)
             start += size
-        self.active = [s for s in self.slots.values() if s.lora_a is not None]
+        self.refresh_active()
 
     def refresh_active(self) -> None:
         """Called by the adapter manager after it (re)allocates pools."""
-        self.active = [s for s in self.slots.values() if s.lora_a is not None]
+        self.active = [s for s in self.slots.values() if s.pools]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        plan = ctx.lora_plan
-        if plan is not None:
-            for slot in self.active:
-                out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
-                sgmv_lora(out, x, slot.lora_a, slot.lora_b, plan)
+        lora, s2ft = ctx.lora_plan, ctx.s2ft_plan
+        if lora is None and s2ft is None:
+            return y
+        for slot in self.active:
+            out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
+            p = slot.pools
+            if lora is not None and "lora_a" in p:
+                sgmv_lora(out, x, p["lora_a"], p["lora_b"], lora)
+            if s2ft is not None and "s2_col_w" in p:
+                s2ft_col(out, x, p["s2_col_idx"], p["s2_col_w"], s2ft)
+                s2ft_row(out, x, p["s2_row_idx"], p["s2_row_w"], s2ft)
         return y

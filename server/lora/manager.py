@@ -1,13 +1,13 @@
-"""Device-resident adapters: where each one's rows sit in the per-module row pools, within a byte budget.
+"""Device-resident adapters: where each one's units sit in the per-module pools, within a byte budget.
 
-Every (layer, module) that some resident adapter targets has two pools, `lora_a (N, d_in)` and
-`lora_b (N, d_out)` (Bᵀ with the scale folded in). An adapter of rank r owns rows
-[row_start, row_start + r) in *every* pool, zero where it does not target the module, so one
-per-step plan (segments -> row_start, rank) serves all modules.
+Each family has a *pool space*: LoRA's unit is a rank-row (`lora_a`/`lora_b` rows), S²FT's an
+entry (one selected row or column with its index). An adapter owns the same unit range
+[start, start + units) in every pool of its space, zero where it does not target a module, so one
+per-step plan (segments -> start, units) serves all modules of that family.
 
-Residency is budgeted in bytes of pool memory (rows x bytes per row over all pools). When a new
-adapter does not fit, the least recently used adapter that no running sequence uses and that is
-not pinned is evicted. Only the engine thread calls this class.
+Residency is budgeted in bytes of pool memory (units x bytes per unit over all pools of the space).
+When a new adapter does not fit, the least recently used adapter that no running sequence uses and
+that is not pinned is evicted. Only the engine thread calls this class.
 """
 from __future__ import annotations
 
@@ -17,25 +17,27 @@ from dataclasses import dataclass
 
 import torch
 
-from server.layers.linear import AdaptedLinear
-from server.lora.peft import LoraWeights
+from server.layers.linear import AdaptedLinear, AdapterSlot
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+
+FAMILIES = ("lora", "s2ft")  # the order tokens are grouped in within a step
 
 
 @dataclass(slots=True)
 class ResidentAdapter:
     name: str
-    row_start: int
-    rank: int
+    family: str
+    row_start: int  # first unit in its family's pools
+    rank: int  # units it owns (LoRA: max rank; S²FT: max entries per module)
     num_bytes: int  # of the adapter's own weights
     active: int = 0  # sequences admitted with it
     pinned: bool = False
 
 
 class RowAllocator:
-    """First-fit allocation of row ranges; adjacent free ranges merge on release."""
+    """First-fit allocation of unit ranges; adjacent free ranges merge on release."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -64,14 +66,71 @@ class RowAllocator:
         self.capacity = new_capacity
 
 
+def _lora_pools(slot: AdapterSlot, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {"lora_a": ((slot.d_in,), dtype), "lora_b": ((slot.d_out,), dtype)}
+
+
+def _s2ft_pools(slot: AdapterSlot, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {
+        "s2_col_idx": ((), torch.long), "s2_col_w": ((slot.d_out,), dtype),
+        "s2_row_idx": ((), torch.long), "s2_row_w": ((slot.d_in,), dtype),
+    }  # fmt: skip
+
+
+class PoolSpace:
+    """One family's pools over every module, and the allocator of their unit ranges."""
+
+    def __init__(self, family: str, specs, slots: list[AdapterSlot], dtype: torch.dtype, initial: int):
+        self.family, self.specs, self.slots, self.dtype = family, specs, slots, dtype
+        self.units = RowAllocator(initial)
+
+    def has_pools(self, slot: AdapterSlot) -> bool:
+        return any(name in slot.pools for name in self.specs(slot, self.dtype))
+
+    @property
+    def unit_bytes(self) -> int:
+        total = 0
+        for slot in self.slots:
+            if self.has_pools(slot):
+                total += sum(slot.pools[n][0].nbytes for n in self.specs(slot, self.dtype))
+        return total
+
+    def ensure_pools(self, slot: AdapterSlot, owner: AdaptedLinear) -> None:
+        if not self.has_pools(slot):
+            for name, (tail, dtype) in self.specs(slot, self.dtype).items():
+                slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype)
+            owner.refresh_active()
+
+    def clear(self, start: int, n: int) -> None:
+        for slot in self.slots:
+            if self.has_pools(slot):
+                for name in self.specs(slot, self.dtype):
+                    slot.pools[name][start : start + n] = 0
+
+    def grow(self, capacity: int) -> None:
+        log.info("growing %s adapter pools from %d to %d units", self.family, self.units.capacity, capacity)
+        for slot in self.slots:
+            if self.has_pools(slot):
+                for name in self.specs(slot, self.dtype):
+                    old = slot.pools[name]
+                    new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+                    new[: old.shape[0]] = old
+                    slot.pools[name] = new
+        self.units.grow(capacity)
+
+
 class AdapterManager:
-    def __init__(self, model: LlamaForCausalLM, budget_bytes: int | None = None, initial_rows: int = 256):
+    def __init__(self, model: LlamaForCausalLM, budget_bytes: int | None = None, initial_units: int = 256):
         self.model = model
         self.dtype = model.dtype
         self.budget_bytes = budget_bytes  # None: grow without limit
-        self.rows = RowAllocator(initial_rows)
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
+        slots = [lin.slots[m] for t in self._targets for m, lin in t.items()]
+        self.spaces = {
+            "lora": PoolSpace("lora", _lora_pools, slots, self.dtype, initial_units),
+            "s2ft": PoolSpace("s2ft", _s2ft_pools, slots, self.dtype, initial_units),
+        }
         self.evictions = self.hits = self.misses = 0
 
     # -- queries ---------------------------------------------------------------------------
@@ -80,48 +139,48 @@ class AdapterManager:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes one pool row costs over every pool that exists (or would exist for a first adapter)."""
-        per_row = sum(s.lora_a.shape[1] + s.lora_b.shape[1] for s in self._slots() if s.lora_a is not None)
-        return per_row * self.dtype.itemsize
+        """Bytes one LoRA rank-row costs over every LoRA pool that exists."""
+        return self.spaces["lora"].unit_bytes
 
     @property
     def resident_bytes(self) -> int:
-        return sum(e.rank for e in self.resident.values()) * self.row_bytes
+        return sum(e.rank * self.spaces[e.family].unit_bytes for e in self.resident.values())
 
     @property
     def pool_bytes(self) -> int:
-        return self.rows.capacity * self.row_bytes
+        return sum(space.units.capacity * space.unit_bytes for space in self.spaces.values())
 
     # -- residency -------------------------------------------------------------------------
-    def ensure_resident(self, weights: LoraWeights) -> ResidentAdapter | None:
-        """Place the adapter in the pools if it is not there, evicting idle ones to fit; None if it cannot fit now."""
+    def ensure_resident(self, weights) -> ResidentAdapter | None:
+        """Place the adapter in its family's pools if it is not there, evicting idle ones to fit;
+        None if it cannot fit now. `weights`: LoraWeights or S2FTWeights (name, family, units, modules, write_into)."""
         entry = self.resident.get(weights.name)
         if entry is not None:
             self.touch(weights.name)
             return entry
-        for layer, module in weights.modules:  # new pools first: they change what a row costs
-            self._ensure_pool(layer, module)
+        space = self.spaces[weights.family]
+        for layer, module in weights.modules:  # new pools first: they change what a unit costs
+            lin = self._targets[layer][module]
+            space.ensure_pools(lin.slots[module], lin)
+        cost = weights.units * space.unit_bytes
         if self.budget_bytes is not None:
-            if weights.rank * self.row_bytes > self.budget_bytes:
-                raise ValueError(f"adapter {weights.name!r} needs {weights.rank * self.row_bytes} bytes, more than the whole adapter budget {self.budget_bytes}")
-            while self.resident_bytes + weights.rank * self.row_bytes > self.budget_bytes:
+            if cost > self.budget_bytes:
+                raise ValueError(f"adapter {weights.name!r} needs {cost} bytes, more than the whole adapter budget {self.budget_bytes}")
+            while self.resident_bytes + cost > self.budget_bytes:
                 if not self._evict_one():
                     return None
-        start = self._allocate(weights.rank)
+        start = self._allocate(space, weights.units)
         if start is None:
             return None
-        self._write(start, weights)
-        entry = ResidentAdapter(weights.name, start, weights.rank, weights.num_bytes)
+        space.clear(start, weights.units)
+        for (layer, module) in weights.modules:
+            weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
+        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes)
         self.resident[weights.name] = entry
         self.misses += 1
         return entry
 
-    def touch(self, name: str) -> None:
-        """A request uses a resident adapter: a hit, and the most recently used now."""
-        self.resident.move_to_end(name)
-        self.hits += 1
-
-    def add(self, weights: LoraWeights, pinned: bool = False) -> ResidentAdapter:
+    def add(self, weights, pinned: bool = False) -> ResidentAdapter:
         if weights.name in self.resident:
             raise ValueError(f"adapter {weights.name!r} is already resident")
         entry = self.ensure_resident(weights)
@@ -129,6 +188,11 @@ class AdapterManager:
             raise ValueError(f"adapter {weights.name!r} does not fit in the adapter budget next to the pinned/active ones")
         entry.pinned = pinned
         return entry
+
+    def touch(self, name: str) -> None:
+        """A request uses a resident adapter: a hit, and the most recently used now."""
+        self.resident.move_to_end(name)
+        self.hits += 1
 
     def acquire(self, name: str) -> None:
         self.resident[name].active += 1
@@ -151,7 +215,7 @@ class AdapterManager:
         if entry.active:
             return False
         del self.resident[name]
-        self.rows.release(entry.row_start, entry.rank)
+        self.spaces[entry.family].units.release(entry.row_start, entry.rank)
         return True
 
     # -- internals -------------------------------------------------------------------------
@@ -164,48 +228,13 @@ class AdapterManager:
                 return True
         return False
 
-    def _allocate(self, rank: int) -> int | None:
-        while (start := self.rows.allocate(rank)) is None:
-            limit = None if self.budget_bytes is None else self.budget_bytes // max(1, self.row_bytes)
-            if limit is None or self.rows.capacity < limit:
-                target = max(self.rows.capacity * 2, self.rows.capacity + rank)
-                self._grow(target if limit is None else min(target, max(limit, self.rows.capacity + rank)))
-            elif not self._evict_one():  # fragmented: free more rows
+    def _allocate(self, space: PoolSpace, units: int) -> int | None:
+        alloc = space.units
+        while (start := alloc.allocate(units)) is None:
+            limit = None if self.budget_bytes is None else self.budget_bytes // max(1, space.unit_bytes)
+            if limit is None or alloc.capacity < limit:
+                target = max(alloc.capacity * 2, alloc.capacity + units)
+                space.grow(target if limit is None else min(target, max(limit, alloc.capacity + units)))
+            elif not self._evict_one():  # fragmented: free more units
                 return None
         return start
-
-    def _write(self, start: int, weights: LoraWeights) -> None:
-        rank = weights.rank
-        for slot in self._slots():
-            if slot.lora_a is not None:
-                slot.lora_a[start : start + rank].zero_()
-                slot.lora_b[start : start + rank].zero_()
-        for (layer, module), (a, b, scale) in weights.modules.items():
-            slot = self._targets[layer][module].slots[module]
-            r = a.shape[0]
-            slot.lora_a[start : start + r] = a
-            slot.lora_b[start : start + r] = (b.float().T * scale).to(self.dtype)
-
-    def _slots(self):
-        for layer_targets in self._targets:
-            for module, lin in layer_targets.items():
-                yield lin.slots[module]
-
-    def _ensure_pool(self, layer: int, module: str) -> None:
-        lin: AdaptedLinear = self._targets[layer][module]
-        slot = lin.slots[module]
-        if slot.lora_a is None:
-            slot.lora_a = torch.zeros(self.rows.capacity, lin.in_features, dtype=self.dtype)
-            slot.lora_b = torch.zeros(self.rows.capacity, slot.out_end - slot.out_start, dtype=self.dtype)
-            lin.refresh_active()
-
-    def _grow(self, capacity: int) -> None:
-        log.info("growing adapter row pools from %d to %d rows", self.rows.capacity, capacity)
-        for slot in self._slots():
-            if slot.lora_a is not None:
-                n = slot.lora_a.shape[0]
-                a = torch.zeros(capacity, slot.lora_a.shape[1], dtype=self.dtype)
-                b = torch.zeros(capacity, slot.lora_b.shape[1], dtype=self.dtype)
-                a[:n], b[:n] = slot.lora_a, slot.lora_b
-                slot.lora_a, slot.lora_b = a, b
-        self.rows.grow(capacity)

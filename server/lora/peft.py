@@ -31,9 +31,22 @@ class LoraWeights:
     # (layer, module) -> (A (r, d_in), B (d_out, r), scale)
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
 
+    family = "lora"
+
+    @property
+    def units(self) -> int:
+        return self.rank
+
     @property
     def num_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
+
+    def write_into(self, pools: dict[str, torch.Tensor], layer: int, module: str, start: int, dtype: torch.dtype) -> None:
+        """Place this module's A rows and scaled Bᵀ rows at [start, start + r) of the LoRA pools."""
+        a, b, scale = self.modules[(layer, module)]
+        r = a.shape[0]
+        pools["lora_a"][start : start + r] = a
+        pools["lora_b"][start : start + r] = (b.float().T * scale).to(dtype)
 
 
 def module_dims(cfg: ModelConfig, module: str) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from server.adapters.service import device_key
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive, too_large
 from server.api.errors import APIError
 from server.auth import require_admin
-from server.lora.peft import AdapterError, parse_peft_lora
+from server.families.detect import FAMILIES, module_units, parse_adapter
+from server.lora.peft import AdapterError
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -98,9 +99,9 @@ async def upload_adapter(request: Request):
     tenant, name = fields.get("tenant"), fields.get("name")
     if not tenant or not name:
         raise APIError(400, "the form needs the fields `tenant` and `name`", param="tenant" if not tenant else "name")
-    family = fields.get("family", "lora")
-    if family != "lora":
-        raise APIError(400, f"adapter family {family!r} is not supported yet (supported: lora)", param="family")
+    family = fields.get("family") or None  # detected from the files when not given
+    if family is not None and family not in FAMILIES:
+        raise APIError(400, f"adapter family {family!r} is not supported (supported: {', '.join(FAMILIES)})", param="family")
     public = fields.get("public", "false").lower() in ("1", "true", "yes")
     new_version = fields.get("new_version", "false").lower() in ("1", "true", "yes")
 
@@ -118,15 +119,15 @@ async def upload_adapter(request: Request):
             files[filename.rsplit("/", 1)[-1]] = data
     engine = state.engine.engine
     try:
-        weights = await asyncio.to_thread(parse_peft_lora, files, f"{tenant}/{name}", engine.model.config, engine.model.dtype, engine.config.max_lora_rank)
+        weights = await asyncio.to_thread(
+            parse_adapter, files, f"{tenant}/{name}", engine.model.config, engine.model.dtype, engine.config.max_lora_rank, family
+        )
     except AdapterError as e:
         raise APIError(400, str(e), code="invalid_adapter") from None
-    ranks: dict[str, int] = {}
-    for (_, module), (a, _, _) in weights.modules.items():
-        ranks[module] = max(ranks.get(module, 0), a.shape[0])
+    ranks = module_units(weights)
     manifest = await _store(state.registry.publish(
         tenant, name, {k: files[k] for k in ("adapter_config.json", "adapter_model.safetensors")},
-        family="lora", base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
+        family=weights.family, base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
         description=fields.get("description", ""), public=public, new_version=new_version,
     ))  # fmt: skip
     state.adapter_service.forget(tenant, name)

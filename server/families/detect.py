@@ -1,0 +1,42 @@
+"""Which adapter family a set of files is, and parsing it into the engine's weights."""
+from __future__ import annotations
+
+import torch
+
+from server.lora.peft import CONFIG_FILE, AdapterError, LoraWeights, parse_adapter_config, parse_peft_lora
+from server.models.config import ModelConfig
+
+FAMILIES = ("lora", "s2ft")
+
+
+def detect_family(files: dict[str, bytes], name: str) -> str:
+    if CONFIG_FILE not in files:
+        raise AdapterError(f"{name}: {CONFIG_FILE} is missing")
+    cfg = parse_adapter_config(files[CONFIG_FILE], name)
+    family = cfg.get("hotswap_family")
+    if family is None:
+        family = {"LORA": "lora", "S2FT": "s2ft"}.get(cfg.get("peft_type", "LORA"))
+    if family not in FAMILIES:
+        raise AdapterError(f"{name}: adapter type {cfg.get('peft_type')!r} is not supported (supported families: {', '.join(FAMILIES)})")
+    return family
+
+
+def parse_adapter(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int, family: str | None = None):
+    """LoraWeights or S2FTWeights; `family`, when given, must match what the files are."""
+    found = detect_family(files, name)
+    if family is not None and family != found:
+        raise AdapterError(f"{name}: the files are a {found} adapter, not {family}")
+    if found == "s2ft":
+        from server.families.s2ft import parse_s2ft
+
+        return parse_s2ft(files, name, model_cfg, dtype)
+    return parse_peft_lora(files, name, model_cfg, dtype, max_rank)
+
+
+def module_units(weights) -> dict[str, int]:
+    """module -> rank (LoRA) or entries (S²FT), the largest over layers: what a manifest records."""
+    out: dict[str, int] = {}
+    for (_, module), value in weights.modules.items():
+        n = value[0].shape[0] if isinstance(weights, LoraWeights) else value.indices.numel()
+        out[module] = max(out.get(module, 0), n)
+    return out
