@@ -124,8 +124,9 @@ def s2ft_col(y: Tensor, x: Tensor, col_idx: Tensor, col_w: Tensor, plan: LoraPla
     lie in [0, d_in): validate when writing the pool), col_w: [N, d_out] in x's dtype (fp32 or bf16).
     Loop path: index_select of the segment's columns + addmm_ on the pool view. Batched path: the
     delta is y[t] += sum_j x[t, c_j] * col_w[j], so the selected x values are read directly
-    (one 2-D gather of E = sum(tokens * k) scalars) and used as per-sample weights of an
-    embedding_bag over col_w (read in place), exactly sgmv_lora's B pass; no Python loop per segment.
+    (one flat gather of E = sum(tokens * k) scalars, no [tokens, d_in] copy) and used as per-sample
+    weights of an embedding_bag over col_w (read in place), exactly sgmv_lora's B pass; no Python
+    loop per segment.
     """
     if plan.path == "none":
         return

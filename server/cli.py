@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_commands(sub)
 
+    convert = sub.add_parser("convert", help="make a compact adapter from a fine-tuned checkpoint", add_help=False)
+    convert.add_argument("convert_args", nargs=argparse.REMAINDER, help="s2ft --base DIR --finetuned DIR --out DIR [--atol X]")
+
     fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
     fetch.set_defaults(command="fetch-model")
     return parser
@@ -62,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_embedded_model())
         return 0
+    if args.command == "convert":
+        rest = args.convert_args
+        if not rest or rest[0] != "s2ft":
+            print("usage: hotswap convert s2ft --base DIR --finetuned DIR --out DIR [--atol X]", file=sys.stderr)
+            return 2
+        from server.families.s2ft_convert import main_convert
+
+        return main_convert(rest[1:])
     if args.command in ("adapters", "tenants"):
         return run_admin_command(args)
     return _serve(args)

@@ -17,9 +17,11 @@ is coarser than the spacing of representable results, and no delta in that dtype
 land on ``ft``. The converter first tries the neighbours of ``ft - base`` (it sometimes helps near binade
 edges) and otherwise stores that module's delta in the next wider dtype (float32 for bfloat16/float16
 checkpoints, float64 for float32 ones), where the difference of two narrower numbers is exact unless their
-magnitudes differ by a factor above ~2^28 (float32 in float64). It reports every widened module. With
-``atol > 0`` a change of at most ``atol`` counts as no change, the checkpoint's dtype is kept wherever the
-merged weight is within ``atol`` of the fine-tuned one, and the verification checks exactly that bound.
+exponents differ by more than (wide precision - narrow precision - 1) bits: 28 for float32 in float64, 15
+for bfloat16 and 12 for float16 in float32 (then float64 is tried: 44 and 41 bits, which float16 cannot
+exceed). It reports every widened module. With ``atol > 0`` a change of at most ``atol`` counts as no
+change, the checkpoint's dtype is kept wherever the merged weight is within ``atol`` of the fine-tuned one,
+and the verification checks exactly that bound. ``--delta-dtype`` forces one dtype instead.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from server.families.s2ft_format import (
 from server.lora.peft import AdapterError
 
 _LINEAR = re.compile(r"^model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.(" + "|".join(S2FT_MODULES) + r")\.weight$")
+_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _NUDGE_STEPS = 3  # neighbours of ft - base tried on each side (a working delta, if any, is within 2)
 
 
@@ -82,6 +85,7 @@ class ConvertReport:
     out_dir: Path
     atol: float
     num_linear: int  # linear weights compared
+    auto_dtype: bool = True  # each module's delta dtype chosen by the converter
     modules: list[ModuleChange] = field(default_factory=list)
     adapter_bytes: int = 0  # size of adapter_model.safetensors on disk
     finetuned_linear_bytes: int = 0  # bytes of all linear weights of the fine-tuned checkpoint
@@ -122,7 +126,7 @@ class ConvertReport:
                 f"(max error {self.max_abs_error:.3g})"
             )
         widened = [m for m in self.modules if m.widened]
-        if widened:
+        if widened and self.auto_dtype:
             lines.append(
                 f"  note: {len(widened)} module(s) store their delta in a wider dtype than the checkpoint's, because "
                 "no delta in the checkpoint's dtype makes base + delta equal the fine-tuned weight for some entries "
@@ -193,7 +197,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _wider_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
     """The checkpoint's dtype first, then wider float dtypes to fall back on."""
     order = [torch.float32, torch.float64]
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if dtype not in _FLOAT_DTYPES.values():
         raise ConvertError(f"linear weights of dtype {dtype} are not supported (expected a floating point dtype)")
     return [dtype] + [t for t in order if torch.finfo(t).eps < torch.finfo(dtype).eps]
 
@@ -202,39 +206,40 @@ def _abs_err(merged: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     return (merged.to(torch.float64) - ft.to(torch.float64)).abs()
 
 
-def _fit_delta(base_s: torch.Tensor, ft_s: torch.Tensor, wide: torch.dtype, atol: float) -> tuple[torch.Tensor, int, int, float]:
-    """delta in dtype ``wide`` with (base + delta, rounded to the checkpoint dtype) as close to ft as it gets.
+def _fit_delta(base_s: torch.Tensor, ft_s: torch.Tensor, dtype: torch.dtype, atol: float) -> tuple[torch.Tensor, int, int, float]:
+    """A delta in ``dtype`` such that base + delta, added in the wider of the two dtypes and rounded once to
+    the checkpoint's dtype (the `apply_s2ft_delta` rule), is as close to ft as that dtype allows.
 
-    Returns (delta, entries still off by more than atol, entries nudged, max error)."""
+    Returns (delta, entries still off by more than atol, entries nudged off ft - base, max error)."""
     ck = base_s.dtype
-    b = base_s.to(wide)
-    delta = ft_s.to(wide) - b
-    off = (b + delta).to(ck) != ft_s
-    nudged = 0
-    if bool(off.any()):
-        idx = off.nonzero(as_tuple=True)
-        bb, ff, d0 = b[idx], ft_s[idx], delta[idx]
-        best, best_err = d0, _abs_err((bb + d0).to(ck), ff)
-        lo = hi = d0
-        up, down = torch.full_like(d0, math.inf), torch.full_like(d0, -math.inf)
-        # (b + d) rounded is monotone in d, so if no neighbour within a few steps hits ft, none does.
-        for _ in range(_NUDGE_STEPS):
-            lo, hi = torch.nextafter(lo, down), torch.nextafter(hi, up)
-            for cand in (lo, hi):
-                err = _abs_err((bb + cand).to(ck), ff)
-                better = err < best_err
-                best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
-        delta[idx] = best
-        nudged = int((best != d0).sum())
-        remaining = int((best_err > atol).sum())
-        return delta, remaining, nudged, float(best_err.max())
-    return delta, 0, 0, 0.0
+    acc = torch.promote_types(ck, dtype)
+    b = base_s.to(acc)
+    delta = (ft_s.to(acc) - b).to(dtype)
+    off = (b + delta.to(acc)).to(ck) != ft_s
+    if not bool(off.any()):
+        return delta, 0, 0, 0.0
+    idx = off.nonzero(as_tuple=True)
+    bb, ff, d0 = b[idx], ft_s[idx], delta[idx]
+    best, best_err = d0, _abs_err((bb + d0.to(acc)).to(ck), ff)
+    lo = hi = d0
+    up, down = torch.full_like(d0, math.inf), torch.full_like(d0, -math.inf)
+    # (b + d) rounded is monotone in d, so when no neighbour within a few steps hits ft, no delta does.
+    for _ in range(_NUDGE_STEPS):
+        lo, hi = torch.nextafter(lo, down), torch.nextafter(hi, up)
+        for cand in (lo, hi):
+            err = _abs_err((bb + cand.to(acc)).to(ck), ff)
+            better = err < best_err
+            best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    delta[idx] = best
+    return delta, int((best_err > atol).sum()), int((best != d0).sum()), float(best_err.max())
 
 
-def _describe_off(base_s, ft_s, delta) -> str:
-    merged = (base_s.to(delta.dtype) + delta).to(base_s.dtype)
-    i = int((merged != ft_s).flatten().nonzero()[0])
-    return f"e.g. base {base_s.flatten()[i].item()!r}, fine-tuned {ft_s.flatten()[i].item()!r}"
+def _describe_off(base_s: torch.Tensor, ft_s: torch.Tensor, delta: torch.Tensor) -> str:
+    """The worst entry, for error messages."""
+    acc = torch.promote_types(base_s.dtype, delta.dtype)
+    err = _abs_err((base_s.to(acc) + delta.to(acc)).to(base_s.dtype), ft_s).flatten()
+    i = int(err.argmax())
+    return f"e.g. base {base_s.flatten()[i].item()!r} -> fine-tuned {ft_s.flatten()[i].item()!r}, off by {err[i].item():.3g}"
 
 
 def convert_s2ft(
@@ -243,17 +248,22 @@ def convert_s2ft(
     out_dir: Path,
     *,
     atol: float = 0.0,
+    delta_dtype: torch.dtype | None = None,
     base_model: str | None = None,
     progress: bool = True,
 ) -> ConvertReport:
     """Write the S²FT adapter ``finetuned - base`` into ``out_dir``, verify it, and report on it.
 
     ``atol``: changes of at most ``atol`` are dropped and the merged weights need only be within ``atol``
-    of the fine-tuned ones; 0 (the default) means bit-exact. ``base_model`` goes into
+    of the fine-tuned ones; 0 (the default) means bit-exact. ``delta_dtype``: None (auto) stores each module's
+    delta in the narrowest of (checkpoint dtype, float32, float64) that meets ``atol``; a dtype forces that
+    one and fails where it cannot meet ``atol``. ``base_model`` goes into
     ``base_model_name_or_path`` (default: ``base_dir`` as given). Raises `ConvertError`."""
     base_dir, finetuned_dir, out_dir = Path(base_dir), Path(finetuned_dir), Path(out_dir)
     if not (math.isfinite(atol) and atol >= 0):
         raise ConvertError(f"atol must be a finite number >= 0, got {atol}")
+    if delta_dtype is not None and delta_dtype not in _FLOAT_DTYPES.values():
+        raise ConvertError(f"delta_dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {delta_dtype}")
     for d in (base_dir, finetuned_dir):
         if out_dir.exists() and d.exists() and out_dir.resolve() == d.resolve():
             raise ConvertError(f"--out {out_dir} is one of the input checkpoints; write the adapter to its own directory")
@@ -263,7 +273,7 @@ def convert_s2ft(
         ft = _Checkpoint(finetuned_dir, "fine-tuned", stack)
         linear, others, dims, num_layers = _compare_layout(base, ft)
 
-        report = ConvertReport(out_dir=out_dir, atol=atol, num_linear=len(linear))
+        report = ConvertReport(out_dir=out_dir, atol=atol, num_linear=len(linear), auto_dtype=delta_dtype is None)
         deltas: dict[tuple[int, str], S2FTModuleDelta] = {}
         bar = tqdm(total=len(others) + len(linear), desc="s2ft diff", unit="tensor", disable=not progress)
         with bar:
@@ -278,7 +288,7 @@ def convert_s2ft(
             for key, (layer, module) in linear.items():
                 b, f = base.get(key), ft.get(key)
                 report.finetuned_linear_bytes += f.nbytes
-                change = _diff_module(b, f, layer, module, atol)
+                change = _diff_module(b, f, layer, module, atol, delta_dtype)
                 bar.update()
                 if change is None:
                     continue
@@ -343,7 +353,7 @@ def _compare_layout(base: _Checkpoint, ft: _Checkpoint):
     return linear, others, dims, num_layers
 
 
-def _diff_module(b: torch.Tensor, f: torch.Tensor, layer: int, module: str, atol: float):
+def _diff_module(b: torch.Tensor, f: torch.Tensor, layer: int, module: str, atol: float, delta_dtype: torch.dtype | None):
     what = f"layer {layer} {module}"
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(f).all())):
         raise ConvertError(f"{what}: the weights hold NaN or infinite values")
@@ -356,15 +366,19 @@ def _diff_module(b: torch.Tensor, f: torch.Tensor, layer: int, module: str, atol
     kind = "row" if rows.numel() * d_in <= d_out * cols.numel() else "col"
     idx = rows if kind == "row" else cols
     b_s, f_s = (b[idx], f[idx]) if kind == "row" else (b[:, idx], f[:, idx])
-    for wide in _wider_dtypes(b.dtype):
-        delta, remaining, nudged, _ = _fit_delta(b_s, f_s, wide, atol)
+    candidates = _wider_dtypes(b.dtype) if delta_dtype is None else [delta_dtype]
+    for dtype in candidates:
+        delta, remaining, nudged, err = _fit_delta(b_s, f_s, dtype, atol)
         if remaining == 0:
             break
     else:
+        how = "even in" if delta_dtype is None else "with deltas in"
+        bound = "exactly" if atol == 0 else f"within atol={atol:g} (max error {err:.3g})"
         raise ConvertError(
-            f"{what}: {remaining} changed entries cannot be reproduced as base + delta even in {_dtype_name(wide)} "
-            f"({_describe_off(b_s, f_s, delta)}: their magnitudes differ too much); pass an --atol to accept "
-            "the nearest representable values"
+            f"{what}: {remaining} changed entries cannot be reproduced {bound} as base + delta {how} "
+            f"{_dtype_name(dtype)} ({_describe_off(b_s, f_s, delta)}); "
+            + ("pass an --atol to accept the nearest representable values" if delta_dtype is None
+               else "leave --delta-dtype at auto or pass a larger --atol")
         )
     mc = ModuleChange(
         layer=layer, module=module, kind=kind, k=int(idx.numel()), d_out=d_out, d_in=d_in,
@@ -419,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="changes of at most ATOL count as unchanged, and the adapter need only reproduce the fine-tuned "
         "weights within ATOL (default 0: bit-exact)",
     )
+    p.add_argument(
+        "--delta-dtype", choices=["auto", *_FLOAT_DTYPES], default="auto",
+        help="dtype of the stored deltas; auto: the checkpoint's, widened per module to float32/float64 only where "
+        "needed to meet --atol (default: auto)",
+    )
     p.add_argument("--base-model-name", default=None, help="base_model_name_or_path to record (default: --base as given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -433,7 +452,9 @@ def main_convert(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         report = convert_s2ft(
-            args.base, args.finetuned, args.out, atol=args.atol, base_model=args.base_model_name, progress=not args.no_progress
+            args.base, args.finetuned, args.out, atol=args.atol,
+            delta_dtype=None if args.delta_dtype == "auto" else _FLOAT_DTYPES[args.delta_dtype],
+            base_model=args.base_model_name, progress=not args.no_progress,
         )
     except (ConvertError, OSError) as e:
         print(f"hotswap convert s2ft: error: {e}", file=sys.stderr)
