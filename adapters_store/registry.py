@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import AdapterExists, AdapterNotFound, CorruptObject, ManifestError, ObjectNotFound
+from .user_state import get_user_state, put_user_state
 from .manifest import SHA256_RE, AdapterManifest, sha256_hex, validate_file_name, validate_name
 from .stores import ObjectStore
 from .tenants import TenantDirectory
@@ -230,6 +231,14 @@ class Registry:
         names = list(manifest.files)
         contents = await self._gather(fetch(f, manifest.files[f]) for f in names)
         return dict(zip(names, contents))
+
+    async def put_user_state(self, tenant: str, name: str, user: str, state: dict[str, Any]) -> dict[str, Any]:
+        """Per-user state of a personalised adapter (see user_state.py)."""
+        await self.get(tenant, name)  # the adapter must exist
+        return await put_user_state(self.store, tenant, name, user, state)
+
+    async def get_user_state(self, tenant: str, name: str, user: str) -> dict[str, Any] | None:
+        return await get_user_state(self.store, tenant, name, user)
 
     async def collect_garbage(self, min_age_s: float | None = None) -> builtins.list[str]:
         """Delete blobs no manifest references and older than `min_age_s` (default gc_grace_s).

@@ -8,6 +8,8 @@ Manifests are cached briefly; while the store is unreachable, cached manifests a
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from server.adapters.host_cache import HostCache
 from server.api.errors import APIError
 from server.auth import Principal
 from server.families.detect import parse_adapter
-from server.lora.peft import AdapterError, LoraWeights
+from server.lora.peft import AdapterError
 from server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class AdapterService:
         self.manifest_ttl_s = manifest_ttl_s
         self._manifests: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._user_states: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
         self.pinned: set[tuple[str, str]] = set()
 
     # -- names -----------------------------------------------------------------------------
@@ -107,7 +110,44 @@ class AdapterService:
         return m
 
     # -- weights ---------------------------------------------------------------------------
-    async def weights(self, m: AdapterManifest) -> LoraWeights:
+    async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, object]:
+        """(engine key, host weights) for a request: RecLoRA adapters are materialised per user."""
+        weights = await self.weights(m)
+        if m.family != "reclora":
+            return device_key(m), weights
+        state = await self.user_state(m, user) if user else None
+        digest = hashlib.sha256(json.dumps([user, state], sort_keys=True).encode()).hexdigest()[:16]
+        key = f"{device_key(m)}#user={digest}"
+        cached = self.host.get(key)
+        if cached is None:
+            try:
+                w = weights.user_weights(state)
+            except AdapterError as e:
+                raise APIError(400, str(e), param="user") from None
+            cached = await asyncio.to_thread(weights.materialize, key, w, self.dtype)
+            self.host.put(key, cached)
+        return key, cached
+
+    async def user_state(self, m: AdapterManifest, user: str) -> dict | None:
+        """A user's stored state, cached like manifests (and served stale while the store is down)."""
+        cache_key = (m.tenant, m.name, user)
+        cached = self._user_states.get(cache_key)
+        if cached and time.monotonic() - cached[0] < self.manifest_ttl_s:
+            return cached[1]
+        try:
+            record = await self.registry.get_user_state(m.tenant, m.name, user)
+        except StoreUnavailable as e:
+            if cached:
+                return cached[1]
+            raise _unavailable("the user's state is not cached and the adapter store is unreachable", e) from None
+        state = None if record is None else {k: record[k] for k in ("weights", "vector") if k in record}
+        self._user_states[cache_key] = (time.monotonic(), state)
+        return state
+
+    def forget_user(self, tenant: str, name: str, user: str) -> None:
+        self._user_states.pop((tenant, name, user), None)
+
+    async def weights(self, m: AdapterManifest):
         key = device_key(m)
         cached = self.host.get(key)
         if cached is not None:
@@ -127,7 +167,7 @@ class AdapterService:
         except AdapterError as e:
             raise APIError(400, str(e), param="model") from None
 
-    async def _load(self, m: AdapterManifest, key: str) -> LoraWeights:
+    async def _load(self, m: AdapterManifest, key: str):
         t0 = time.perf_counter()
         on_disk = all(f["sha256"] in self.disk for f in m.files.values())
         self._count("disk", hit=on_disk)

@@ -105,6 +105,8 @@ class LLMEngine:
         """A static adapter from a local directory: pinned in the device pools for the server's life."""
         files = read_adapter_files(Path(path), name)
         weights = parse_adapter(files, name, self.model.config, self.model.dtype, self.config.max_lora_rank)
+        if weights.family not in ("lora", "s2ft"):
+            raise ValueError(f"{name}: {weights.family} adapters are per user: serve them from the registry, not --adapter")
         self.adapters.add(weights, pinned=True)
         self.static_adapters.add(name)
         log.info("adapter %s (%s): %d units, %d modules, %.1f MiB", name, weights.family, weights.units, len(weights.modules), weights.num_bytes / 2**20)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from server.lora.peft import CONFIG_FILE, AdapterError, LoraWeights, parse_adapter_config, parse_peft_lora
+from server.lora.peft import CONFIG_FILE, AdapterError, parse_adapter_config, parse_peft_lora
 from server.models.config import ModelConfig
 
-FAMILIES = ("lora", "s2ft")
+FAMILIES = ("lora", "s2ft", "reclora")
 
 
 def detect_family(files: dict[str, bytes], name: str) -> str:
@@ -15,17 +15,22 @@ def detect_family(files: dict[str, bytes], name: str) -> str:
     cfg = parse_adapter_config(files[CONFIG_FILE], name)
     family = cfg.get("hotswap_family")
     if family is None:
-        family = {"LORA": "lora", "S2FT": "s2ft"}.get(cfg.get("peft_type", "LORA"))
+        family = {"LORA": "lora", "S2FT": "s2ft", "RECLORA": "reclora"}.get(cfg.get("peft_type", "LORA"))
     if family not in FAMILIES:
         raise AdapterError(f"{name}: adapter type {cfg.get('peft_type')!r} is not supported (supported families: {', '.join(FAMILIES)})")
     return family
 
 
 def parse_adapter(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int, family: str | None = None):
-    """LoraWeights or S2FTWeights; `family`, when given, must match what the files are."""
+    """LoraWeights, S2FTWeights or (for RecLoRA, materialised per user later) a RecLoraBank;
+    `family`, when given, must match what the files are."""
     found = detect_family(files, name)
     if family is not None and family != found:
         raise AdapterError(f"{name}: the files are a {found} adapter, not {family}")
+    if found == "reclora":
+        from server.families.reclora import parse_reclora
+
+        return parse_reclora(files, name, model_cfg, max_rank)
     if found == "s2ft":
         from server.families.s2ft import parse_s2ft
 
@@ -37,6 +42,11 @@ def module_units(weights) -> dict[str, int]:
     """module -> rank (LoRA) or entries (S²FT), the largest over layers: what a manifest records."""
     out: dict[str, int] = {}
     for (_, module), value in weights.modules.items():
-        n = value[0].shape[0] if isinstance(weights, LoraWeights) else value.indices.numel()
+        if weights.family == "s2ft":
+            n = value.indices.numel()
+        elif weights.family == "reclora":
+            n = value[0].shape[1]
+        else:
+            n = value[0].shape[0]
         out[module] = max(out.get(module, 0), n)
     return out

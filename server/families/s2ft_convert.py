@@ -355,17 +355,20 @@ def _compare_layout(base: _Checkpoint, ft: _Checkpoint):
 
 def _diff_module(b: torch.Tensor, f: torch.Tensor, layer: int, module: str, atol: float, delta_dtype: torch.dtype | None):
     what = f"layer {layer} {module}"
-    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(f).all())):
-        raise ConvertError(f"{what}: the weights hold NaN or infinite values")
+    if torch.equal(b, f):  # the common case, and cheap
+        return None
+    # NaN != NaN, so a NaN anywhere lands in a stored row/column and is refused below; an equal inf is no change
     changed = (f != b) if atol == 0 else (f.to(torch.float64) - b.to(torch.float64)).abs() > atol
     rows = changed.any(dim=1).nonzero().flatten()
-    cols = changed.any(dim=0).nonzero().flatten()
     if rows.numel() == 0:
         return None
+    cols = changed.any(dim=0).nonzero().flatten()
     d_out, d_in = b.shape
     kind = "row" if rows.numel() * d_in <= d_out * cols.numel() else "col"
     idx = rows if kind == "row" else cols
     b_s, f_s = (b[idx], f[idx]) if kind == "row" else (b[:, idx], f[:, idx])
+    if not (bool(torch.isfinite(b_s).all()) and bool(torch.isfinite(f_s).all())):
+        raise ConvertError(f"{what}: the changed weights hold NaN or infinite values")
     candidates = _wider_dtypes(b.dtype) if delta_dtype is None else [delta_dtype]
     for dtype in candidates:
         delta, remaining, nudged, err = _fit_delta(b_s, f_s, dtype, atol)

@@ -198,3 +198,38 @@ async def unpin_adapter(tenant: str, name: str, request: Request):
     await state.engine.call(lambda eng: eng.adapters.set_pinned(device_key(m), False))
     service.pinned.discard((tenant, name))
     return {"unpinned": f"{tenant}/{name}"}
+
+
+# -- per-user state of personalised adapters (RecLoRA) ----------------------------------------
+class UserState(BaseModel):
+    weights: list[float] | None = None
+    vector: list[float] | None = None
+
+
+@router.put("/adapters/{tenant}/{name}/users/{user}")
+async def put_user_state(tenant: str, name: str, user: str, body: UserState, request: Request):
+    state = _admin(request)
+    service = state.adapter_service
+    m = await _store(service.manifest(tenant, name, fresh=True))
+    if m.family != "reclora":
+        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: only reclora adapters have per-user state")
+    values = {k: v for k, v in body.model_dump().items() if v is not None}
+    if len(values) != 1:
+        raise APIError(400, 'give exactly one of "weights" (one per meta-LoRA) or "vector" (the user embedding)')
+    bank = await service.weights(m)
+    try:
+        bank.user_weights(values)  # the adapter must accept it: right length, a gate for vectors
+    except AdapterError as e:
+        raise APIError(400, str(e)) from None
+    record = await _store(state.registry.put_user_state(tenant, name, user, values))
+    service.forget_user(tenant, name, user)
+    return record
+
+
+@router.get("/adapters/{tenant}/{name}/users/{user}")
+async def get_user_state(tenant: str, name: str, user: str, request: Request):
+    state = _admin(request)
+    record = await _store(state.registry.get_user_state(tenant, name, user))
+    if record is None:
+        raise APIError(404, f"no state stored for this user of {tenant}/{name} (it is served with uniform weights)", type="not_found_error")
+    return record

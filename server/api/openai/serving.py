@@ -12,7 +12,7 @@ from datetime import datetime
 from fastapi import Request
 
 from adapters_store import StoreUnavailable
-from server.adapters.service import AdapterService, device_key
+from server.adapters.service import AdapterService
 from server.auth import Principal, api_principal
 
 from server.api.errors import APIError
@@ -53,7 +53,7 @@ class OpenAIServing:
         state = raw.app.state
         return await api_principal(raw, state.admin_key, state.registry)
 
-    async def resolve_adapter(self, model: str, raw: Request) -> tuple[str | None, object | None]:
+    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None]:
         """(engine adapter key, host weights to place if not resident) for the request's `model`."""
         principal = await self.principal(raw)
         if model == self.llm.model_name:
@@ -63,8 +63,7 @@ class OpenAIServing:
         if self.adapter_service is None:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         manifest = await self.adapter_service.resolve(principal, model)
-        weights = await self.adapter_service.weights(manifest)
-        return device_key(manifest), weights
+        return await self.adapter_service.for_request(manifest, user)
 
     # -- request -> sequences --------------------------------------------------------------
     def _check_supported(self, req: SamplingFields) -> None:
@@ -137,7 +136,7 @@ class OpenAIServing:
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         prompts = self._completion_prompts(req)
-        adapter, weights = await self.resolve_adapter(req.model, raw)
+        adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
         seqs = [
             Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights)
@@ -148,7 +147,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self._check_supported(req)
         ids = self._chat_prompt(req)
-        adapter, weights = await self.resolve_adapter(req.model, raw)
+        adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
         max_tokens = req.max_completion_tokens or req.max_tokens
         seqs = [Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights) for j in range(req.n)]
         return await self._run("chat", req, seqs, raw, chat=True)
