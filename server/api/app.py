@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapters.service import AdapterService
+from server.api.admin.generate import router as generate_router
 from server.api.admin.routes import router as admin_router
 from server.api.errors import APIError, api_error_handler, error_body, validation_error_handler
 from server.api.openai.routes import router as openai_router
@@ -62,6 +63,7 @@ def build_app(
 
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(generate_router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
