@@ -51,7 +51,7 @@ def dense_reference_generate(model_dir, tensors, w, prompt, n):
             a_u, b_u = torch.einsum("k,kri->ri", w, a), torch.einsum("k,kor->or", w, b)
             params[key.replace("reclora_A", "weight")] += (ALPHA / R) * (b_u @ a_u)
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-        out = hf.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, eos_token_id=None)
+        out = hf.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -105,7 +105,7 @@ class LLMEngine:
         """A static adapter from a local directory: pinned in the device pools for the server's life."""
         files = read_adapter_files(Path(path), name)
         weights = parse_adapter(files, name, self.model.config, self.model.dtype, self.config.max_lora_rank)
-        if weights.family not in ("lora", "s2ft"):
+        if weights.family == "reclora":
             raise ValueError(f"{name}: {weights.family} adapters are per user: serve them from the registry, not --adapter")
         self.adapters.add(weights, pinned=True)
         self.static_adapters.add(name)

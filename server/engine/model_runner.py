@@ -7,8 +7,8 @@ from kernels import make_lora_plan
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
-from server.layers.context import ForwardContext, PrefillChunk
-from server.lora.manager import FAMILIES, AdapterManager
+from server.layers.context import ForwardContext, MoEGroup, PrefillChunk
+from server.lora.manager import FAMILIES, SPACE_OF, AdapterManager
 from server.models.llama import LlamaForCausalLM
 
 
@@ -31,7 +31,9 @@ class ModelRunner:
         if seq.adapter is None:
             return (-1, -1, 0)
         entry = self.adapters.get(seq.adapter)
-        return (FAMILIES.index(entry.family), entry.row_start, entry.rank)
+        if entry.family == "moe-lora":  # the step plan carries its attention LoRA; experts are routed per layer
+            return (FAMILIES.index("lora"), entry.row_start, entry.weights.attn_rank)
+        return (FAMILIES.index(SPACE_OF[entry.family]), entry.row_start, entry.rank)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int | None], int]:
@@ -48,6 +50,7 @@ class ModelRunner:
         slots: list[int] = []
         seg_indptr, seg_keys = [0], []
         dec_tables, dec_lens, prefills, sample_rows = [], [], [], []
+        moe_tokens: dict[str, list[int]] = {}
         for i in order:
             item, seq = scheduled[i], scheduled[i].seq
             start, n = seq.num_computed_tokens, item.num_new_tokens
@@ -63,6 +66,8 @@ class ModelRunner:
                 prefills.append(PrefillChunk(t0, t0 + n, start, torch.tensor(table, dtype=torch.long)))
             if item.samples:
                 sample_rows.append((i, t0 + n - 1))
+            if seq.adapter is not None and self.adapters.get(seq.adapter).family == "moe-lora":
+                moe_tokens.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
             if seg_keys and seg_keys[-1] == keys[i]:
                 seg_indptr[-1] = t0 + n
             else:
@@ -84,6 +89,7 @@ class ModelRunner:
             prefills=prefills,
             lora_plan=plans[FAMILIES.index("lora")],
             s2ft_plan=plans[FAMILIES.index("s2ft")],
+            moe=[self._moe_group(name, toks) for name, toks in moe_tokens.items()],
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
 
@@ -95,6 +101,11 @@ class ModelRunner:
             for (i, _), tok in zip(sample_rows, tokens):
                 sampled[i] = tok
         return sampled, len({k for k in keys if k[0] >= 0})
+
+    def _moe_group(self, name: str, tokens: list[int]) -> MoEGroup:
+        entry = self.adapters.get(name)
+        w = entry.weights
+        return MoEGroup(torch.tensor(tokens, dtype=torch.long), w, entry.row_start + w.attn_rank)
 
     @staticmethod
     def _plan(seg_indptr: list[int], seg_keys: list[tuple[int, int, int]], family: int):

@@ -6,7 +6,7 @@ import torch
 from server.lora.peft import CONFIG_FILE, AdapterError, parse_adapter_config, parse_peft_lora
 from server.models.config import ModelConfig
 
-FAMILIES = ("lora", "s2ft", "reclora")
+FAMILIES = ("lora", "s2ft", "reclora", "moe-lora")
 
 
 def detect_family(files: dict[str, bytes], name: str) -> str:
@@ -15,7 +15,7 @@ def detect_family(files: dict[str, bytes], name: str) -> str:
     cfg = parse_adapter_config(files[CONFIG_FILE], name)
     family = cfg.get("hotswap_family")
     if family is None:
-        family = {"LORA": "lora", "S2FT": "s2ft", "RECLORA": "reclora"}.get(cfg.get("peft_type", "LORA"))
+        family = {"LORA": "lora", "S2FT": "s2ft", "RECLORA": "reclora", "MIXLORA": "moe-lora"}.get(cfg.get("peft_type", "LORA"))
     if family not in FAMILIES:
         raise AdapterError(f"{name}: adapter type {cfg.get('peft_type')!r} is not supported (supported families: {', '.join(FAMILIES)})")
     return family
@@ -27,6 +27,10 @@ def parse_adapter(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dt
     found = detect_family(files, name)
     if family is not None and family != found:
         raise AdapterError(f"{name}: the files are a {found} adapter, not {family}")
+    if found == "moe-lora":
+        from server.families.moe import parse_mixlora
+
+        return parse_mixlora(files, name, model_cfg, dtype, max_rank)
     if found == "reclora":
         from server.families.reclora import parse_reclora
 
@@ -42,6 +46,8 @@ def module_units(weights) -> dict[str, int]:
     """module -> rank (LoRA) or entries (S²FT), the largest over layers: what a manifest records."""
     out: dict[str, int] = {}
     for (_, module), value in weights.modules.items():
+        if weights.family == "moe-lora":
+            return {m: weights.expert_rank if m in ("gate_proj", "up_proj", "down_proj") else weights.attn_rank for m in {m for _, m in weights.modules}}
         if weights.family == "s2ft":
             n = value.indices.numel()
         elif weights.family == "reclora":

@@ -52,6 +52,10 @@ class GenerationError(ValueError):
     """The request cannot be generated as asked (the message says why and what to change)."""
 
 
+class RankOverflow(GenerationError):
+    """The generated adapter's rank would exceed the server's --max-lora-rank."""
+
+
 # -- selection ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ScoredExpert:
@@ -197,7 +201,7 @@ class SimilarityFusion:
         worst = max(ranks.values(), default=0)
         if worst > self.max_rank:
             (layer, module) = next(k for k in sorted(ranks) if ranks[k] == worst)
-            raise GenerationError(
+            raise RankOverflow(
                 f"fusing {len(experts)} experts stacks their ranks to {worst} (layer {layer} {module}), above this "
                 f"server's --max-lora-rank {self.max_rank}; ask for a smaller top_k or choose experts of smaller rank"
             )

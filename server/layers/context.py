@@ -19,6 +19,15 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class MoEGroup:
+    """The tokens of one routed-experts adapter in this step."""
+
+    tokens: torch.Tensor  # [n] positions in the flat batch
+    weights: object  # MoELoraWeights: routers and routing rule
+    expert_row_start: int  # expert e owns LoRA rows [start + e·r, start + (e+1)·r) of the MLP pools
+
+
+@dataclass(slots=True)
 class ForwardContext:
     """Everything a forward pass needs besides token ids and positions.
 
@@ -32,3 +41,4 @@ class ForwardContext:
     prefills: list[PrefillChunk] = field(default_factory=list)
     lora_plan: LoraPlan | None = None  # None: no LoRA adapter in this step
     s2ft_plan: LoraPlan | None = None  # the same segment form over S²FT entries; None: no S²FT adapter
+    moe: list[MoEGroup] = field(default_factory=list)  # routed-experts adapters in this step

@@ -22,7 +22,8 @@ from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("lora", "s2ft")  # the order tokens are grouped in within a step
+FAMILIES = ("lora", "s2ft")  # pool spaces, in the order tokens are grouped within a step
+SPACE_OF = {"lora": "lora", "moe-lora": "lora", "s2ft": "s2ft"}  # routed experts are LoRA rows too
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class ResidentAdapter:
     row_start: int  # first unit in its family's pools
     rank: int  # units it owns (LoRA: max rank; S²FT: max entries per module)
     num_bytes: int  # of the adapter's own weights
+    weights: object = None  # kept for families the forward pass consults (the routers of moe-lora)
     active: int = 0  # sequences admitted with it
     pinned: bool = False
 
@@ -144,7 +146,7 @@ class AdapterManager:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(e.rank * self.spaces[e.family].unit_bytes for e in self.resident.values())
+        return sum(e.rank * self.spaces[SPACE_OF[e.family]].unit_bytes for e in self.resident.values())
 
     @property
     def pool_bytes(self) -> int:
@@ -158,7 +160,7 @@ class AdapterManager:
         if entry is not None:
             self.touch(weights.name)
             return entry
-        space = self.spaces[weights.family]
+        space = self.spaces[SPACE_OF[weights.family]]
         for layer, module in weights.modules:  # new pools first: they change what a unit costs
             lin = self._targets[layer][module]
             space.ensure_pools(lin.slots[module], lin)
@@ -175,7 +177,7 @@ class AdapterManager:
         space.clear(start, weights.units)
         for (layer, module) in weights.modules:
             weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
-        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes)
+        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if weights.family == "moe-lora" else None)
         self.resident[weights.name] = entry
         self.misses += 1
         return entry
@@ -215,7 +217,7 @@ class AdapterManager:
         if entry.active:
             return False
         del self.resident[name]
-        self.spaces[entry.family].units.release(entry.row_start, entry.rank)
+        self.spaces[SPACE_OF[entry.family]].units.release(entry.row_start, entry.rank)
         return True
 
     # -- internals -------------------------------------------------------------------------

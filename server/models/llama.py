@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import make_lora_plan, sgmv_lora
 from server.layers.attention import PagedAttention
 from server.layers.context import ForwardContext
 from server.layers.linear import AdaptedLinear
@@ -31,8 +32,9 @@ class RMSNorm(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         hd, h, hkv, d = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
         self.q_size, self.kv_size = h * hd, hkv * hd
@@ -56,8 +58,48 @@ class DecoderLayer(torch.nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         x = x + self.o_proj(self.attn(q, k, v, ctx), ctx)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x), ctx).split(self.intermediate_size, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up, ctx)
+        h = self.post_attention_layernorm(x)
+        gate_up = self.gate_up_proj(h, ctx)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        out = self.down_proj(F.silu(gate) * up, ctx)
+        for group in ctx.moe:
+            self._routed_experts(h, gate_up, out, group)
+        return x + out
+
+    def _routed_experts(self, h: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor, group) -> None:
+        """Replace the MLP output of a routed-experts adapter's tokens by Σ_e p_e · expert_e(h).
+
+        Each (token, chosen expert) becomes a row; rows are sorted by expert so one segmented LoRA
+        call per projection serves every expert. The base gate/up GEMMs are reused from `gate_up`.
+        """
+        w = group.weights
+        if self.layer_idx not in w.routers:
+            return  # no experts in this layer: the base MLP stands
+        tok = group.tokens
+        experts, probs = w.route(self.layer_idx, h[tok])  # (n, k)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = tok.repeat_interleave(experts.shape[1])[order]
+        row_p = probs.reshape(-1)[order].to(h.dtype)
+        counts = torch.bincount(flat, minlength=w.num_experts).tolist()
+        indptr = [0]
+        for c in counts:
+            indptr.append(indptr[-1] + c)
+        r = w.expert_rank
+        plan = make_lora_plan(indptr, [group.expert_row_start + e * r for e in range(w.num_experts)], [r] * w.num_experts)
+        hr = h[rows]
+        gu = gate_up[rows]  # base (these tokens get no MLP delta from the step plan)
+        for slot in self.gate_up_proj.slots.values():
+            if "lora_a" in slot.pools:
+                sgmv_lora(gu[:, slot.out_start : slot.out_end], hr, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+        g, u = gu.split(self.intermediate_size, dim=-1)
+        act = F.silu(g) * u
+        down = F.linear(act, self.down_proj.weight, self.down_proj.bias)
+        slot = self.down_proj.slots["down_proj"]
+        if "lora_a" in slot.pools:
+            sgmv_lora(down, act, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+        out.index_fill_(0, tok, 0)
+        out.index_add_(0, rows, down * row_p.unsqueeze(1))
 
     def adapter_targets(self) -> dict[str, AdaptedLinear]:
         """Logical module name -> the (possibly fused) linear that holds it."""
@@ -71,7 +113,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, rotary, dtype) for _ in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, rotary, dtype, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight

@@ -21,7 +21,7 @@ from adapters_store import AdapterNotFound, CorruptObject, InvalidName, validate
 from server.api.admin.routes import _admin, _manifest_json, _store
 from server.api.errors import APIError
 from server.families.detect import module_units, parse_adapter
-from server.families.sglora import GenerationError, is_generated, make_generator, provenance, select_experts
+from server.families.sglora import GenerationError, RankOverflow, is_generated, make_generator, provenance, select_experts
 from server.families.text_encoder import EncoderUnavailable, default_encoder
 from server.lora.peft import AdapterError, parse_peft_lora
 
@@ -139,8 +139,10 @@ async def generate_adapter(body: GenerateRequest, request: Request):
 
     try:
         files, weights = await asyncio.to_thread(build)
+    except RankOverflow as e:
+        raise APIError(400, str(e), param="top_k", code="rank_overflow") from None
     except GenerationError as e:
-        raise APIError(400, str(e), code="rank_overflow" if "max-lora-rank" in str(e) else "generation_failed") from None
+        raise APIError(400, str(e), code="generation_failed") from None
     except AdapterError as e:
         raise APIError(400, str(e), code="invalid_adapter") from None
 
