@@ -9,7 +9,7 @@ from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from server.layers.context import ForwardContext, MoEGroup, PrefillChunk
 from server.lora.manager import FAMILIES, SPACE_OF, AdapterManager
-from server.models.llama import LlamaForCausalLM
+from server.models.llama import ADAPTER_MODULES, LlamaForCausalLM
 
 
 class ModelRunner:
@@ -26,14 +26,14 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def _adapter_key(self, seq: Sequence) -> tuple[int, int, int]:
-        """(family index, first unit, units); (-1, -1, 0) for the base model."""
+    def _adapter_key(self, seq: Sequence) -> tuple:
+        """(family index, first unit, units, target modules); (-1, -1, 0, ∅) for the base model."""
         if seq.adapter is None:
-            return (-1, -1, 0)
+            return (-1, -1, 0, frozenset())
         entry = self.adapters.get(seq.adapter)
         if entry.family == "moe-lora":  # the step plan carries its attention LoRA; experts are routed per layer
-            return (FAMILIES.index("lora"), entry.row_start, entry.weights.attn_rank)
-        return (FAMILIES.index(SPACE_OF[entry.family]), entry.row_start, entry.rank)
+            return (FAMILIES.index("lora"), entry.row_start, entry.weights.attn_rank, entry.targets)
+        return (FAMILIES.index(SPACE_OF[entry.family]), entry.row_start, entry.rank, entry.targets)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int | None], int]:
@@ -80,15 +80,15 @@ class ModelRunner:
             decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long)
             lens = torch.tensor(dec_lens)
             decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_tables), 1, 1, -1)
-        plans = [self._plan(seg_indptr, seg_keys, family) for family in range(len(FAMILIES))]
+        plans = [self._plans(seg_indptr, seg_keys, family) for family in range(len(FAMILIES))]
         ctx = ForwardContext(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             num_decode=len(dec_tables),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
             prefills=prefills,
-            lora_plan=plans[FAMILIES.index("lora")],
-            s2ft_plan=plans[FAMILIES.index("s2ft")],
+            lora_plans=plans[FAMILIES.index("lora")],
+            s2ft_plans=plans[FAMILIES.index("s2ft")],
             moe=[self._moe_group(name, toks) for name, toks in moe_tokens.items()],
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
@@ -108,11 +108,19 @@ class ModelRunner:
         return MoEGroup(torch.tensor(tokens, dtype=torch.long), w, entry.row_start + w.attn_rank)
 
     @staticmethod
-    def _plan(seg_indptr: list[int], seg_keys: list[tuple[int, int, int]], family: int):
-        """The family's segment plan: other families' and base segments carry no delta for it."""
-        if not any(k[0] == family for k in seg_keys):
-            return None
-        return make_lora_plan(seg_indptr, [k[1] if k[0] == family else -1 for k in seg_keys], [k[2] if k[0] == family else 0 for k in seg_keys])
+    def _plans(seg_indptr: list[int], seg_keys: list[tuple], family: int) -> dict:
+        """Per module name, the family's segment plan over the adapters that target it: an adapter
+        pays only for its own modules, and base or other-family segments carry no delta."""
+        plans, built = {}, {}
+        for module in ADAPTER_MODULES:
+            rows = tuple(k[1] if k[0] == family and module in k[3] else -1 for k in seg_keys)
+            if all(r < 0 for r in rows):
+                continue
+            ranks = tuple(k[2] if r >= 0 else 0 for k, r in zip(seg_keys, rows))
+            if (rows, ranks) not in built:
+                built[(rows, ranks)] = make_lora_plan(seg_indptr, rows, ranks)
+            plans[module] = built[(rows, ranks)]
+        return plans
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

@@ -43,11 +43,11 @@ def parse_adapter(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dt
 
 
 def module_units(weights) -> dict[str, int]:
-    """module -> rank (LoRA) or entries (S²FT), the largest over layers: what a manifest records."""
+    """module -> rank (LoRA, RecLoRA, experts) or entries (S²FT), the largest over layers: what a manifest records."""
+    if weights.family == "moe-lora":
+        return {m: weights.expert_rank if (m in ("gate_proj", "up_proj", "down_proj")) else weights.attn_rank for _, m in weights.modules}
     out: dict[str, int] = {}
     for (_, module), value in weights.modules.items():
-        if weights.family == "moe-lora":
-            return {m: weights.expert_rank if m in ("gate_proj", "up_proj", "down_proj") else weights.attn_rank for m in {m for _, m in weights.modules}}
         if weights.family == "s2ft":
             n = value.indices.numel()
         elif weights.family == "reclora":

@@ -39,6 +39,7 @@ class ForwardContext:
     decode_block_tables: torch.Tensor | None  # [B_dec, max_blocks] int64
     decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
-    lora_plan: LoraPlan | None = None  # None: no LoRA adapter in this step
-    s2ft_plan: LoraPlan | None = None  # the same segment form over S²FT entries; None: no S²FT adapter
+    # module name -> segment plan over the adapters that target that module (absent: none does)
+    lora_plans: dict[str, LoraPlan] = field(default_factory=dict)
+    s2ft_plans: dict[str, LoraPlan] = field(default_factory=dict)  # the same form over S²FT entries
     moe: list[MoEGroup] = field(default_factory=list)  # routed-experts adapters in this step

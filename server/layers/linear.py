@@ -50,10 +50,12 @@ class AdaptedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        lora, s2ft = ctx.lora_plan, ctx.s2ft_plan
-        if lora is None and s2ft is None:
+        if not ctx.lora_plans and not ctx.s2ft_plans:
             return y
         for slot in self.active:
+            lora, s2ft = ctx.lora_plans.get(slot.name), ctx.s2ft_plans.get(slot.name)
+            if lora is None and s2ft is None:
+                continue  # no adapter in this step targets this module
             out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
             p = slot.pools
             if lora is not None and "lora_a" in p:

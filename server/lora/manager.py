@@ -34,6 +34,7 @@ class ResidentAdapter:
     rank: int  # units it owns (LoRA: max rank; S²FT: max entries per module)
     num_bytes: int  # of the adapter's own weights
     weights: object = None  # kept for families the forward pass consults (the routers of moe-lora)
+    targets: frozenset = frozenset()  # module names the step plan must visit for it
     active: int = 0  # sequences admitted with it
     pinned: bool = False
 
@@ -177,7 +178,9 @@ class AdapterManager:
         space.clear(start, weights.units)
         for (layer, module) in weights.modules:
             weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
-        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if weights.family == "moe-lora" else None)
+        moe = weights.family == "moe-lora"  # experts are routed per layer; the step plan carries its attention LoRA
+        targets = frozenset(m for _, m in (weights.attn if moe else weights.modules))
+        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if moe else None, targets)
         self.resident[weights.name] = entry
         self.misses += 1
         return entry

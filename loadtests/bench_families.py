@@ -1,0 +1,143 @@
+"""Mixed adapter families vs plain LoRA vs base only, side by side in one run (engine level, no HTTP).
+
+Loads (same prompts and lengths, closed loop, all queued at once):
+  base      every request on the base model
+  lora      requests spread over 20 rank-16 LoRAs (q_proj, v_proj)
+  s2ft      ... over 8 S²FT adapters (3 % of v/up rows and o/down columns in every layer)
+  reclora   ... over 16 users of one RecLoRA adapter (K=8 meta-LoRAs, rank 8, q/v; materialised per user)
+  moe-lora  ... over 4 MixLoRA adapters (4 experts, top-2, rank 8 on gate/up/down, every layer)
+  mixed     all of the above (and base) in the same batches
+Each round runs every load back to back; per-load ratios to base are per round, medians printed, with the
+per-token overhead (1/tps - 1/tps_base) in ms.
+
+    python -m loadtests.bench_families --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_save
+
+from loadtests.bench_adapters import run_load
+from server.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.families.detect import parse_adapter
+from server.families.reclora import parse_reclora
+from server.lora.peft import module_dims
+
+
+def _block(module: str) -> str:
+    return "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+
+
+def lora_files(cfg, g, rank=16, targets=("q_proj", "v_proj")):
+    t = {}
+    for layer in range(cfg.num_layers):
+        for m in targets:
+            d_in, d_out = module_dims(cfg, m)
+            p = f"base_model.model.model.layers.{layer}.{_block(m)}.{m}"
+            t[f"{p}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
+            t[f"{p}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
+    cfg_json = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets)}
+    return {"adapter_config.json": json.dumps(cfg_json).encode(), "adapter_model.safetensors": safetensors_save(t)}
+
+
+def s2ft_files(cfg, g, fraction=0.03):
+    t = {}
+    for layer in range(cfg.num_layers):
+        for m, kind in (("v_proj", "row"), ("up_proj", "row"), ("o_proj", "col"), ("down_proj", "col")):
+            d_in, d_out = module_dims(cfg, m)
+            n = d_out if kind == "row" else d_in
+            k = max(1, int(n * fraction))
+            idx = torch.randperm(n, generator=g)[:k].sort().values.to(torch.int32)
+            p = f"model.layers.{layer}.{_block(m)}.{m}.s2_{kind}"
+            t[f"{p}_indices"] = idx
+            t[f"{p}_delta"] = torch.randn((k, d_in) if kind == "row" else (d_out, k), generator=g) * 0.01
+    c = {"peft_type": "S2FT", "hotswap_family": "s2ft", "format_version": 1, "base_model_name_or_path": "bench",
+         "target_modules": sorted(["v_proj", "up_proj", "o_proj", "down_proj"])}
+    return {"adapter_config.json": json.dumps(c).encode(), "adapter_model.safetensors": safetensors_save(t)}
+
+
+def reclora_files(cfg, g, k=8, rank=8, targets=("q_proj", "v_proj")):
+    t = {}
+    for layer in range(cfg.num_layers):
+        for m in targets:
+            d_in, d_out = module_dims(cfg, m)
+            p = f"model.layers.{layer}.{_block(m)}.{m}"
+            t[f"{p}.reclora_A"] = torch.randn(k, rank, d_in, generator=g) / d_in**0.5
+            t[f"{p}.reclora_B"] = torch.randn(k, d_out, rank, generator=g) * 0.01
+    c = {"peft_type": "RECLORA", "r": rank, "lora_alpha": rank, "num_meta_loras": k, "target_modules": list(targets)}
+    return {"adapter_config.json": json.dumps(c).encode(), "adapter_model.safetensors": safetensors_save(t)}
+
+
+def mixlora_files(cfg, g, experts=4, top_k=2, rank=8):
+    t = {}
+    for layer in range(cfg.num_layers):
+        t[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(experts, cfg.hidden_size, generator=g) * 0.1
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            d_in, d_out = module_dims(cfg, m)
+            for e in range(experts):
+                p = f"mixlora.layers.{layer}.mlp.{m}.experts.{e}"
+                t[f"{p}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
+                t[f"{p}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
+    c = {"peft_type": "MIXLORA", "num_experts": experts, "top_k": top_k, "r": rank, "lora_alpha": rank, "act_fn": "silu"}
+    return {"adapter_config.json": json.dumps(c).encode(), "adapter_model.safetensors": safetensors_save(t)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    engine = LLMEngine(EngineConfig(max_num_seqs=args.requests, kv_cache_tokens=16384))
+    cfg, dtype, mgr = engine.model.config, engine.model.dtype, engine.adapters
+    g = torch.Generator().manual_seed(0)
+    names: dict[str, list[str]] = {"lora": [], "s2ft": [], "reclora": [], "moe-lora": []}
+    for i in range(20):
+        mgr.add(parse_adapter(lora_files(cfg, g), f"lora{i}", cfg, dtype, 64), pinned=True)
+        names["lora"].append(f"lora{i}")
+    for i in range(8):
+        mgr.add(parse_adapter(s2ft_files(cfg, g), f"s2ft{i}", cfg, dtype, 64), pinned=True)
+        names["s2ft"].append(f"s2ft{i}")
+    bank = parse_reclora(reclora_files(cfg, g), "rec", cfg, 64)
+    for u in range(16):
+        w = torch.softmax(torch.randn(bank.num_meta, generator=g), -1)
+        mgr.add(bank.materialize(f"rec#user{u}", w, dtype), pinned=True)
+        names["reclora"].append(f"rec#user{u}")
+    for i in range(4):
+        mgr.add(parse_adapter(mixlora_files(cfg, g), f"moe{i}", cfg, dtype, 64), pinned=True)
+        names["moe-lora"].append(f"moe{i}")
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, cfg.vocab_size, size=args.prompt_len).tolist() for _ in range(args.requests)]
+    loads = {"base": [None] * args.requests}
+    for family, pool in names.items():
+        loads[family] = [pool[i % len(pool)] for i in range(args.requests)]
+    every = [None] + [n for pool in names.values() for n in pool[:4]]
+    loads["mixed"] = [every[i % len(every)] for i in range(args.requests)]
+    print(f"model {engine.model_name} (float32), torch threads {torch.get_num_threads()}; {args.requests} requests x "
+          f"{args.prompt_len} prompt + {args.max_tokens} generated tokens per load, all running together")
+    run_load(engine, prompts[:4], [None] * 4, 4)  # warm-up
+    tps: dict[str, list[float]] = {k: [] for k in loads}
+    for r in range(args.rounds):
+        for kind, adapters in loads.items():
+            tps[kind].append(run_load(engine, prompts, adapters, args.max_tokens)[0])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {tps[k][-1]:.1f}" for k in loads) + " tokens/s")
+    print(f"\n{'load':9s} {'median tok/s':>12s} {'vs base (median of rounds)':>27s} {'overhead ms/token':>18s}")
+    for kind in loads:
+        ratios = [t / b for t, b in zip(tps[kind], tps["base"])]
+        over = [1000 * (1 / t - 1 / b) for t, b in zip(tps[kind], tps["base"])]
+        print(f"{kind:9s} {statistics.median(tps[kind]):12.1f} {statistics.median(ratios):27.3f} {statistics.median(over):18.2f}")
+
+
+if __name__ == "__main__":
+    main()
