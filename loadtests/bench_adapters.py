@@ -10,7 +10,6 @@ round's ratio; the median ratio is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -19,31 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from server.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
-from server.lora.peft import module_dims
+from loadtests.synthetic import lora_files
 from server.models.config import ModelConfig
 
 
 def write_random_adapters(root: Path, cfg: ModelConfig, count: int, rank: int, targets: list[str], seed: int) -> dict[str, Path]:
-    """PEFT-format adapters (adapter_config.json + adapter_model.safetensors) with random weights."""
+    """PEFT-format adapter directories with random weights."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i in range(count):
         d = root / f"lora-{i:04d}"
         d.mkdir(parents=True)
-        tensors = {}
-        for layer in range(cfg.num_layers):
-            for module in targets:
-                d_in, d_out = module_dims(cfg, module)
-                prefix = f"base_model.model.model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-                tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
-        save_file(tensors, str(d / "adapter_model.safetensors"))
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets}))
+        for name, data in lora_files(cfg, gen, rank, tuple(targets)).items():
+            (d / name).write_bytes(data)
         out[d.name] = d
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import tempfile
@@ -22,9 +21,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_save
 
 from loadtests.bench_adapters import zipf_choices
+from loadtests.synthetic import lora_files
 from server.adapters.service import build_adapter_service
 from server.api.app import build_app
 from server.config import EngineConfig
@@ -32,19 +31,6 @@ from server.engine.llm_engine import LLMEngine
 from server.lora.peft import module_dims
 
 TENANT = "bench"
-
-
-def random_adapter_files(cfg, rank: int, targets: list[str], gen: torch.Generator) -> dict[str, bytes]:
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for module in targets:
-            d_in, d_out = module_dims(cfg, module)
-            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets}
-    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": safetensors_save(tensors)}
 
 
 async def publish_all(service, cfg, count: int, rank: int, targets: list[str]) -> list[str]:
@@ -57,7 +43,7 @@ async def publish_all(service, cfg, count: int, rank: int, targets: list[str]) -
     for name in names:
         if name in existing:
             continue
-        files = random_adapter_files(cfg, rank, targets, gen)
+        files = lora_files(cfg, gen, rank, tuple(targets))
         await reg.publish(TENANT, name, files, base_model=service.base_model, ranks={m: rank for m in targets}, target_modules=targets)
     return names
 

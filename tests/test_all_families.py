@@ -8,7 +8,7 @@ import httpx
 import openai
 import torch
 
-from loadtests.bench_families import s2ft_files
+from loadtests.synthetic import s2ft_files
 from server.models.config import ModelConfig
 from tests.test_moe_lora import make_mixlora
 from tests.test_reclora import make_reclora

@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from server.lora.peft import AdapterError
+from server.lora.peft import AdapterError, parse_adapter_config
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPE, FAMILY, FORMAT_VERSION = "S2FT", "s2ft", 1
@@ -135,12 +135,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def parse_s2ft_config(raw: bytes, name: str) -> dict:
-    try:
-        cfg = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{name}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{name}: {CONFIG_FILE} must hold a JSON object")
+    cfg = parse_adapter_config(raw, name)
     if cfg.get("peft_type") != PEFT_TYPE:
         raise AdapterError(f"{name}: peft_type {cfg.get('peft_type')!r} is not an S2FT adapter (expected {PEFT_TYPE!r})")
     if cfg.get("hotswap_family") != FAMILY:
