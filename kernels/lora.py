@@ -75,19 +75,28 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
             ys.addmm_(xs @ a.T, b)
     if plan.num_groups == 0:
         return
+    w = batched_shrink(x, lora_a, plan, upcast)
+    batched_expand(y, lora_b, w.to(lora_b.dtype) if w.dtype != lora_b.dtype else w, plan)
+
+
+def batched_shrink(x: Tensor, rows_pool: Tensor, plan: LoraPlan, upcast: bool) -> Tensor:
+    """The plan's batched A pass: h[g, l, j] = x[slot (g, l)] · rows_pool[a_rows[g, j]], returned as the
+    [E] real entries in bag order (padded token slots and rank rows dropped). Shared by sgmv_lora and s2ft_row."""
     G, L, R = plan.num_groups, plan.group_len, plan.max_rank
     xs = x[plan.x_range[0]:plan.x_range[1]] if plan.x_range else x.index_select(0, plan.x_idx)
-    a = lora_a.index_select(0, plan.a_rows)
+    a = rows_pool.index_select(0, plan.a_rows)
     if upcast:
         xs, a = xs.float(), a.float()
     h = torch.bmm(xs.unflatten(0, (G, L)), a.view(G, R, -1).transpose(1, 2))  # [G, L, R]
-    w = h.view(-1) if plan.h_pos is None else h.view(-1).index_select(0, plan.h_pos)  # drop pad slots/ranks
-    if w.dtype != lora_b.dtype:
-        w = w.to(lora_b.dtype)
-    # out[t] = sum_k w[k] * B[bag_rows[k]] over token t's bag: reads B rows in place, no gathered copy.
+    return h.view(-1) if plan.h_pos is None else h.view(-1).index_select(0, plan.h_pos)
+
+
+def batched_expand(y: Tensor, rows_pool: Tensor, w: Tensor, plan: LoraPlan) -> None:
+    """The plan's batched B pass: y[t] += Σ_k w[k] · rows_pool[bag_rows[k]] over token t's bag, reading
+    the pool rows in place (no gathered copy). Shared by sgmv_lora and s2ft_col."""
     # ATen op directly (F.embedding_bag adds ~10 us of Python checks); args: weight, indices, offsets,
     # scale_grad_by_freq, mode=0 (sum), sparse, per_sample_weights, include_last_offset, padding_idx.
-    out = torch.embedding_bag(lora_b, plan.bag_rows, plan.bag_offsets, False, 0, False, w, False, None)[0]
+    out = torch.embedding_bag(rows_pool, plan.bag_rows, plan.bag_offsets, False, 0, False, w, False, None)[0]
     if plan.y_range:
         y[plan.y_range[0]:plan.y_range[1]].add_(out)
     else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.lora import _upcast_gemms
+from kernels.lora import _upcast_gemms, batched_expand, batched_shrink
 from kernels.lora_plan import LoraPlan
 
 __all__ = ["s2ft_col", "s2ft_col_reference", "s2ft_row", "s2ft_row_reference", "s2ft_dense_delta"]
@@ -146,15 +146,7 @@ def s2ft_col(y: Tensor, x: Tensor, col_idx: Tensor, col_w: Tensor, plan: LoraPla
     base, s1 = _entry_offsets(plan, x.stride(0)), x.stride(1)
     pos = base.add(cols) if s1 == 1 else base.add(cols, alpha=s1)
     w = _flat(x).index_select(0, pos)
-    if w.dtype != col_w.dtype:
-        w = w.to(col_w.dtype)
-    # ATen op directly, as in sgmv_lora: weight, indices, offsets, scale_grad_by_freq, mode=sum,
-    # sparse, per_sample_weights, include_last_offset, padding_idx.
-    out = torch.embedding_bag(col_w, plan.bag_rows, plan.bag_offsets, False, 0, False, w, False, None)[0]
-    if plan.y_range:
-        y[plan.y_range[0]:plan.y_range[1]].add_(out)
-    else:
-        y.index_add_(0, plan.y_idx, out)
+    batched_expand(y, col_w, w.to(col_w.dtype) if w.dtype != col_w.dtype else w, plan)
 
 
 def s2ft_row(y: Tensor, x: Tensor, row_idx: Tensor, row_w: Tensor, plan: LoraPlan) -> None:
@@ -178,13 +170,7 @@ def s2ft_row(y: Tensor, x: Tensor, row_idx: Tensor, row_w: Tensor, plan: LoraPla
         ys.index_add_(1, row_idx[o:o + k], h if h.dtype == y.dtype else h.to(y.dtype))
     if plan.num_groups == 0:
         return
-    G, L, R = plan.num_groups, plan.group_len, plan.max_rank
-    xs = x[plan.x_range[0]:plan.x_range[1]] if plan.x_range else x.index_select(0, plan.x_idx)
-    r = row_w.index_select(0, plan.a_rows)
-    if upcast:
-        xs, r = xs.float(), r.float()
-    h = torch.bmm(xs.unflatten(0, (G, L)), r.view(G, R, -1).transpose(1, 2))  # [G, L, R]
-    vals = h.view(-1) if plan.h_pos is None else h.view(-1).index_select(0, plan.h_pos)  # [E] bag order
+    vals = batched_shrink(x, row_w, plan, upcast)  # [E] bag order
     if vals.dtype != y.dtype:
         vals = vals.to(y.dtype)
     # (token, row) pairs of every entry: accumulating index_put_ handles any y strides and repeated
