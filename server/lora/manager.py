@@ -83,42 +83,34 @@ def _s2ft_pools(slot: AdapterSlot, dtype: torch.dtype) -> dict[str, tuple[tuple[
 class PoolSpace:
     """One family's pools over every module, and the allocator of their unit ranges."""
 
-    def __init__(self, family: str, specs, slots: list[AdapterSlot], dtype: torch.dtype, initial: int):
-        self.family, self.specs, self.slots, self.dtype = family, specs, slots, dtype
+    def __init__(self, family: str, specs, dtype: torch.dtype, initial: int):
+        self.family, self.specs, self.dtype = family, specs, dtype
         self.units = RowAllocator(initial)
-
-    def has_pools(self, slot: AdapterSlot) -> bool:
-        return any(name in slot.pools for name in self.specs(slot, self.dtype))
-
-    @property
-    def unit_bytes(self) -> int:
-        total = 0
-        for slot in self.slots:
-            if self.has_pools(slot):
-                total += sum(slot.pools[n][0].nbytes for n in self.specs(slot, self.dtype))
-        return total
+        self.pooled: list[AdapterSlot] = []  # slots that have this family's pools
+        self.unit_bytes = 0  # bytes one unit costs over every pool of the space (kept, not recomputed per step)
+        self.resident_units = 0  # units owned by resident adapters (the manager keeps it)
 
     def ensure_pools(self, slot: AdapterSlot, owner: AdaptedLinear) -> None:
-        if not self.has_pools(slot):
+        if slot not in self.pooled:
             for name, (tail, dtype) in self.specs(slot, self.dtype).items():
                 slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype)
+                self.unit_bytes += slot.pools[name][0].nbytes
+            self.pooled.append(slot)
             owner.refresh_active()
 
     def clear(self, start: int, n: int) -> None:
-        for slot in self.slots:
-            if self.has_pools(slot):
-                for name in self.specs(slot, self.dtype):
-                    slot.pools[name][start : start + n] = 0
+        for slot in self.pooled:
+            for name in self.specs(slot, self.dtype):
+                slot.pools[name][start : start + n] = 0
 
     def grow(self, capacity: int) -> None:
         log.info("growing %s adapter pools from %d to %d units", self.family, self.units.capacity, capacity)
-        for slot in self.slots:
-            if self.has_pools(slot):
-                for name in self.specs(slot, self.dtype):
-                    old = slot.pools[name]
-                    new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
-                    new[: old.shape[0]] = old
-                    slot.pools[name] = new
+        for slot in self.pooled:
+            for name in self.specs(slot, self.dtype):
+                old = slot.pools[name]
+                new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+                new[: old.shape[0]] = old
+                slot.pools[name] = new
         self.units.grow(capacity)
 
 
@@ -129,10 +121,9 @@ class AdapterManager:
         self.budget_bytes = budget_bytes  # None: grow without limit
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
-        slots = [lin.slots[m] for t in self._targets for m, lin in t.items()]
         self.spaces = {
-            "lora": PoolSpace("lora", _lora_pools, slots, self.dtype, initial_units),
-            "s2ft": PoolSpace("s2ft", _s2ft_pools, slots, self.dtype, initial_units),
+            "lora": PoolSpace("lora", _lora_pools, self.dtype, initial_units),
+            "s2ft": PoolSpace("s2ft", _s2ft_pools, self.dtype, initial_units),
         }
         self.evictions = self.hits = self.misses = 0
 
@@ -147,7 +138,7 @@ class AdapterManager:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(e.rank * self.spaces[SPACE_OF[e.family]].unit_bytes for e in self.resident.values())
+        return sum(space.resident_units * space.unit_bytes for space in self.spaces.values())
 
     @property
     def pool_bytes(self) -> int:
@@ -182,6 +173,7 @@ class AdapterManager:
         targets = frozenset(m for _, m in (weights.attn if moe else weights.modules))
         entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if moe else None, targets)
         self.resident[weights.name] = entry
+        space.resident_units += weights.units
         self.misses += 1
         return entry
 
@@ -220,7 +212,9 @@ class AdapterManager:
         if entry.active:
             return False
         del self.resident[name]
-        self.spaces[SPACE_OF[entry.family]].units.release(entry.row_start, entry.rank)
+        space = self.spaces[SPACE_OF[entry.family]]
+        space.units.release(entry.row_start, entry.rank)
+        space.resident_units -= entry.rank
         return True
 
     # -- internals -------------------------------------------------------------------------
