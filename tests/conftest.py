@@ -74,6 +74,18 @@ def server_engine(model_dir, adapter_dirs):
     return _engine(model_dir, adapter_dirs)
 
 
+def greedy_outputs(engine, jobs: list[tuple[str, str | None]], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids of (prompt, adapter) jobs run together in one engine (EOS ignored)."""
+    from server.engine.sequence import SamplingParams, Sequence
+
+    seqs = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), a) for p, a in jobs]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work():
+        engine.step()
+    return [s.output_token_ids for s in seqs]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_save
 
 from server.config import EngineConfig
+from tests.conftest import greedy_outputs
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.peft import AdapterError, module_dims
 
@@ -112,12 +113,7 @@ def test_experts_lora_and_base_in_one_batch_equal_each_alone(model_dir, adapter_
     jobs = [(p, a) for p in PROMPTS for a in ("moe", "lora", None, "mole")]
 
     def run(batch):
-        seqs = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), a) for p, a in batch]
-        for s in seqs:
-            engine.add(s)
-        while engine.has_work():
-            engine.step()
-        return [s.output_token_ids for s in seqs]
+        return greedy_outputs(engine, batch, 8)
 
     assert run(jobs) == [run([j])[0] for j in jobs]
 

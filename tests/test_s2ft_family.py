@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.config import EngineConfig
+from tests.conftest import greedy_outputs
 from server.engine.sequence import SamplingParams, Sequence
 from server.families.s2ft_convert import convert_s2ft
 
@@ -89,12 +90,7 @@ def test_mixed_batch_of_s2ft_lora_and_base_equals_each_alone(s2ft_case, model_di
     jobs = [(p, a) for p in PROMPTS for a in ("s2", "lora", None, "lora2")]
 
     def run(batch):
-        seqs = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), a) for p, a in batch]
-        for s in seqs:
-            engine.add(s)
-        while engine.has_work():
-            engine.step()
-        return [s.output_token_ids for s in seqs]
+        return greedy_outputs(engine, batch, 12)
 
     together = run(jobs)
     assert together == [run([job])[0] for job in jobs]
