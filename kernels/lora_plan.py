@@ -62,6 +62,9 @@ class LoraPlan:
     bag_offsets: Tensor | None = field(default=None, repr=False)  # [T_lora] first entry of each token's bag
     y_range: tuple[int, int] | None = None  # LoRA tokens == y[lo:hi] in bag order: slice add
     y_idx: Tensor | None = field(default=None, repr=False)  # [T_lora] token of each bag (index_add_)
+    # Device metadata of the Triton kernels (kernels.triton.lora.plan_meta), built on first use and
+    # cached here so every (layer, module) call of the step reuses one host->device copy.
+    triton_meta: object = field(default=None, repr=False)
 
 
 def make_lora_plan(

@@ -1,0 +1,39 @@
+"""Triton kernels (GPU; CPU under TRITON_INTERPRET=1) with the signatures of the torch ops in kernels.
+
+triton is an optional dependency (extra "triton"): nothing here imports it until one of the ops is
+looked up, so `import kernels.triton` works without it; `available()` says whether it can be used.
+Run scripts as modules (python -m kernels.bench): a script inside kernels/ would put this folder
+first on sys.path, and `import triton` would find this package instead of the real one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["available", "sgmv_lora_triton", "s2ft_col_triton", "s2ft_row_triton", "routed_lora_triton",
+           "routed_lora_reference"]
+
+_WHERE = {
+    "sgmv_lora_triton": "kernels.triton.lora",
+    "s2ft_col_triton": "kernels.triton.s2ft",
+    "s2ft_row_triton": "kernels.triton.s2ft",
+    "routed_lora_triton": "kernels.triton.experts",
+    "routed_lora_reference": "kernels.triton.experts",
+}
+
+
+def available() -> bool:
+    """True when triton imports (it may still lack a GPU: launches then need TRITON_INTERPRET=1)."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # ImportError, or a broken install raising at import time
+        return False
+    return True
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
