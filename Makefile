@@ -2,7 +2,14 @@
 #   make test         fast suite (also fetches the embedded model once)
 #   make test-slow    long suites
 #   make serve ARGS="--port 8000"
-#   make bench ARGS="..."
+#   make bench ARGS="..."   hotswap vs vLLM CPU vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
+#   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
+# Older micro-benchmarks, run directly:
+#   $(PY) -m loadtests.bench_adapters   engine level: many adapters vs base only
+#   $(PY) -m loadtests.bench_families   engine level: adapter families side by side
+#   $(PY) -m loadtests.bench_registry   registry cold/warm/hot TTFT, Zipf over 1,000 adapters
+#   $(PY) -m kernels.bench_cpu          the segmented LoRA op vs its reference
+#   $(PY) -m loadtests.loadgen --help   the load generator on its own, against any OpenAI-compatible URL
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +19,9 @@ TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.wh
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-slow bench clean
+VLLM_VENV := .venv-vllm
+
+.PHONY: install model serve test test-slow bench bench-install vllm soak clean
 
 install: $(VENV)/.installed
 
@@ -43,8 +52,22 @@ test: install model
 test-slow: install model
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: install model
-	$(PY) -m loadtests.bench_adapters $(ARGS)
+# The bench extra (matplotlib, peft) on top of the test install.
+bench-install: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -e '.[test,bench]'
+	touch $@
+
+# vLLM CPU, the comparison's peer, in its own venv (idempotent: the script keeps a stamp file).
+vllm:
+	PYTHON=$(PYTHON) loadtests/setup_vllm.sh $(VLLM_VENV)
+
+bench: bench-install model vllm
+	$(PY) -m loadtests.compare $(ARGS)
+
+soak: bench-install model
+	$(PY) -m loadtests.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
