@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-dir", type=Path, default=None, help="serve every subdirectory holding adapter_config.json, named after it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of activations and adapters")
+    serve.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
+                       help="base weights: int8 per output channel or int4 group-wise, weight-only (auto: the fastest measured for this device)")
+    serve.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale/zero group")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per engine step (long prompts are prefilled in chunks)")
     serve.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV-cache budget in tokens")
@@ -98,6 +101,7 @@ def _serve(args) -> int:
 
     config = EngineConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        quantization=args.quantization, quant_group_size=args.quant_group_size,
         adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,

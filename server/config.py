@@ -10,6 +10,8 @@ class EngineConfig:
     model: Path | None = None  # None = the embedded SmolLM2
     served_model_name: str | None = None
     dtype: str = "float32"
+    quantization: str = "auto"  # auto | none | int8 | int4 (server.models.quantize)
+    quant_group_size: int = 32  # int4 group width (input columns per scale/zero)
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> PEFT directory
     adapters_dir: Path | None = None
     max_num_seqs: int = 64

@@ -117,6 +117,7 @@ def test_health_and_metrics(live_server, client):
     client.completions.create(model="r2-mlp", prompt="Hi", max_tokens=2)
     h = httpx.get(live_server.base_url + "/health").json()
     assert h["status"] == "ok" and h["model"] == "smollm2"
+    assert h["quantization"] == "none" and h["kernels"]["adapters"].startswith("torch-cpu")  # what the engine picked
     text = httpx.get(live_server.base_url + "/metrics").text
     for name in (
         "hotswap_requests_total", "hotswap_request_latency_seconds", "hotswap_time_to_first_token_seconds",

@@ -74,7 +74,8 @@ def build_app(
             "dtype": engine.config.dtype,
             "adapters_resident": len(engine.adapters.resident),
             "registry": adapter_service.registry.store.description if adapter_service else None,
-            "kernels": {"lora": "kernels.sgmv_lora (torch, cpu)"},
+            "quantization": engine.quantization,
+            "kernels": engine.kernels,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 

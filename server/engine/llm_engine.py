@@ -20,7 +20,9 @@ from server.lora.manager import AdapterManager
 from server.families.detect import parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
+from kernels.dispatch import select_kernels
 from server.models.loader import load_model
+from server.models.quantize import describe_kernels, quantize_model, resolve_quantization, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,15 @@ class LLMEngine:
         self.max_model_len = min(limit, mcfg.max_position_embeddings, kv_tokens)
         t0 = time.perf_counter()
         self.model = load_model(self.model_dir, DTYPES[config.dtype], self.max_model_len)
-        log.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, config.dtype, mcfg.num_layers, time.perf_counter() - t0)
+        self.device = torch.device("cpu")  # the engine runs on the CPU; kernels are picked per device all the same
+        self.quantization = resolve_quantization(config.quantization, self.device)
+        quantize_model(self.model, self.quantization, config.quant_group_size)
+        adapter_kernels = select_kernels(self.device)
+        self.model.use_kernels(adapter_kernels)
+        self.kernels = describe_kernels(self.device, self.quantization, config.quant_group_size, adapter_kernels.name)
+        log.info("loaded %s (%s, %d layers, base %s, %.0f MiB of weights) in %.1f s; kernels: %s", self.model_name,
+                 config.dtype, mcfg.num_layers, self.quantization, weight_bytes(self.model) / 2**20,
+                 time.perf_counter() - t0, "; ".join(f"{k}: {v}" for k, v in self.kernels.items()))
         self.eos_token_ids = frozenset(
             t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
         )

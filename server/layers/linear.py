@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import s2ft_col, s2ft_row, sgmv_lora
+from kernels.dispatch import TORCH_KERNELS, KernelSet
+from kernels.quant import Int4Weight, Int8Weight, int4_linear, int8_linear
 from server.layers.context import ForwardContext
 
 
@@ -29,7 +30,11 @@ class AdapterSlot:
 
 
 class AdaptedLinear(torch.nn.Module):
-    """y = x Wᵀ + b, then for each logical module with adapters: y[:, slice] += its tokens' adapter deltas."""
+    """y = x Wᵀ + b, then for each logical module with adapters: y[:, slice] += its tokens' adapter deltas.
+
+    W is a dense parameter, or after `quantize` a weight-only int8/int4 tensor (kernels.quant);
+    adapter deltas are computed in x's dtype either way.
+    """
 
     def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool, dtype: torch.dtype):
         super().__init__()
@@ -37,6 +42,8 @@ class AdaptedLinear(torch.nn.Module):
         total = sum(out_sizes.values())
         self.weight = torch.nn.Parameter(torch.empty(total, in_features, dtype=dtype), requires_grad=False)
         self.bias = torch.nn.Parameter(torch.zeros(total, dtype=dtype), requires_grad=False) if bias else None
+        self.quant: Int8Weight | Int4Weight | None = None
+        self.kernels: KernelSet = TORCH_KERNELS  # the engine sets the device's (kernels.dispatch)
         self.slots: dict[str, AdapterSlot] = {}
         start = 0
         for name, size in out_sizes.items():
@@ -48,8 +55,21 @@ class AdaptedLinear(torch.nn.Module):
         """Called by the adapter manager after it (re)allocates pools."""
         self.active = [s for s in self.slots.values() if s.pools]
 
+    def quantize(self, weight: Int8Weight | Int4Weight) -> None:
+        """Serve the base GEMM from `weight` (built from self.weight) and free the dense weight."""
+        self.quant = weight
+        self.weight = None
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + b without adapter deltas."""
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        if isinstance(self.quant, Int8Weight):
+            return int8_linear(x, self.quant, self.bias)
+        return int4_linear(x, self.quant, self.bias)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if not ctx.lora_plans and not ctx.s2ft_plans:
             return y
         for slot in self.active:
@@ -57,10 +77,10 @@ class AdaptedLinear(torch.nn.Module):
             if lora is None and s2ft is None:
                 continue  # no adapter in this step targets this module
             out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
-            p = slot.pools
+            p, k = slot.pools, self.kernels
             if lora is not None and "lora_a" in p:
-                sgmv_lora(out, x, p["lora_a"], p["lora_b"], lora)
+                k.sgmv_lora(out, x, p["lora_a"], p["lora_b"], lora)
             if s2ft is not None and "s2_col_w" in p:
-                s2ft_col(out, x, p["s2_col_idx"], p["s2_col_w"], s2ft)
-                s2ft_row(out, x, p["s2_row_idx"], p["s2_row_w"], s2ft)
+                k.s2ft_col(out, x, p["s2_col_idx"], p["s2_col_w"], s2ft)
+                k.s2ft_row(out, x, p["s2_row_idx"], p["s2_row_w"], s2ft)
         return y

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import make_lora_plan, sgmv_lora
+from kernels import make_lora_plan
+from kernels.quant import Int8Weight, int8_linear
 from server.layers.attention import PagedAttention
 from server.layers.context import ForwardContext
 from server.layers.linear import AdaptedLinear
@@ -91,13 +92,13 @@ class DecoderLayer(torch.nn.Module):
         gu = gate_up[rows]  # base (these tokens get no MLP delta from the step plan)
         for slot in self.gate_up_proj.slots.values():
             if "lora_a" in slot.pools:
-                sgmv_lora(gu[:, slot.out_start : slot.out_end], hr, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+                self.gate_up_proj.kernels.sgmv_lora(gu[:, slot.out_start : slot.out_end], hr, slot.pools["lora_a"], slot.pools["lora_b"], plan)
         g, u = gu.split(self.intermediate_size, dim=-1)
         act = F.silu(g) * u
-        down = F.linear(act, self.down_proj.weight, self.down_proj.bias)
+        down = self.down_proj.base(act)
         slot = self.down_proj.slots["down_proj"]
         if "lora_a" in slot.pools:
-            sgmv_lora(down, act, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+            self.down_proj.kernels.sgmv_lora(down, act, slot.pools["lora_a"], slot.pools["lora_b"], plan)
         out.index_fill_(0, tok, 0)
         out.index_add_(0, rows, down * row_p.unsqueeze(1))
 
@@ -119,13 +120,24 @@ class LlamaForCausalLM(torch.nn.Module):
             self.lm_head_weight = self.embed_tokens.weight
         else:
             self.lm_head_weight = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        # Set by server.models.quantize: int8 per-row tables (tied models share one).
+        self.embed_quant: Int8Weight | None = None
+        self.lm_head_quant: Int8Weight | None = None
+
+    def use_kernels(self, kernels) -> None:
+        """Route every adapter delta through `kernels` (a kernels.dispatch.KernelSet)."""
+        for layer in self.layers:
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                lin.kernels = kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden states (T, d)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.embed_quant is None else self.embed_quant.rows(input_ids, self.dtype)
         for layer in self.layers:
             x = layer(x, positions, ctx)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_quant is not None:
+            return int8_linear(hidden, self.lm_head_quant).float()
         return F.linear(hidden, self.lm_head_weight).float()
