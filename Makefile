@@ -4,11 +4,14 @@
 #   make serve ARGS="--port 8000"
 #   make bench ARGS="..."   hotswap vs vLLM CPU vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
 #   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
+#   make bench-quant        none/int8/int4 base: tokens/s, memory, perplexity (loadtests/bench_quant.py)
 # Older micro-benchmarks, run directly:
 #   $(PY) -m loadtests.bench_adapters   engine level: many adapters vs base only
 #   $(PY) -m loadtests.bench_families   engine level: adapter families side by side
 #   $(PY) -m loadtests.bench_registry   registry cold/warm/hot TTFT, Zipf over 1,000 adapters
 #   $(PY) -m kernels.bench_cpu          the segmented LoRA op vs its reference
+#   $(PY) -m kernels.bench_quant        quantized GEMMs vs float32 per layer shape
+#   $(PY) -m kernels.bench              Triton kernels vs torch (needs a CUDA GPU)
 #   $(PY) -m loadtests.loadgen --help   the load generator on its own, against any OpenAI-compatible URL
 
 PYTHON ?= python3
@@ -21,7 +24,7 @@ PYTEST_ARGS ?=
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: install model serve test test-slow bench bench-install vllm soak clean
+.PHONY: install model serve test test-slow bench bench-install bench-quant vllm soak clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +71,9 @@ bench: bench-install model vllm
 
 soak: bench-install model
 	$(PY) -m loadtests.soak $(ARGS)
+
+bench-quant: bench-install model
+	$(PY) -m loadtests.bench_quant --plot docs/img/quantization.png $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
