@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # CPU-only torch first: the default PyPI torch is a multi-GB CUDA build.
-# pyproject only asks for torch>=2.5, so pip keeps this one.
+# pyproject only asks for torch>=2.6, so pip keeps this one.
 RUN pip install torch --index-url https://download.pytorch.org/whl/cpu
 
 # Dependencies and the converted embedded model (SmolLM2-135M-Instruct, into
