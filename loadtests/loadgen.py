@@ -244,7 +244,7 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, index: int, item: dict
     }
     t0 = time.perf_counter()
     rec["start"] = t0 - t_start
-    first = last = None
+    first = None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             rec["http_status"] = r.status_code
@@ -285,7 +285,6 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, index: int, item: dict
                         now = time.perf_counter()
                         if first is None:
                             first = now
-                        last = now
                         rec["chunks"] += 1
                         token_times.append(now - t_start)
                 if item["disconnect_after"] is not None and rec["chunks"] >= item["disconnect_after"]:
