@@ -11,6 +11,7 @@
 #   $(PY) -m loadtests.bench_registry   registry cold/warm/hot TTFT, Zipf over 1,000 adapters
 #   $(PY) -m kernels.bench_cpu          the segmented LoRA op vs its reference
 #   $(PY) -m kernels.bench_quant        quantized GEMMs vs float32 per layer shape
+#   $(PY) -m loadtests.profile_step     torch.profiler over decode steps with many adapters
 #   $(PY) -m kernels.bench              Triton kernels vs torch (needs a CUDA GPU)
 #   $(PY) -m loadtests.loadgen --help   the load generator on its own, against any OpenAI-compatible URL
 

@@ -25,10 +25,10 @@ __all__ = [
     "int8_linear", "int8_linear_reference", "int4_linear", "int4_linear_reference", "kernel_for",
 ]
 
-# torch's weight-only CPU kernels are GEMV-shaped: on the 2-core AVX2 dev box they are 1.5-4x faster
-# than a float32 GEMM at 1-8 rows and 0.7-1.2x at 32 rows, their cost growing with the rows. Dequantizing
-# a weight per call costs about as much as a 32-row GEMM on it, so only prefill-sized batches (more rows
-# than this) dequantize and run the dense GEMM (`python -m kernels.bench_quant`).
+# torch's weight-only CPU kernels are GEMV-shaped: on the 2-core AVX2 dev box int8 is 1.1-4x faster than
+# a float32 GEMM at 1-8 rows and 0.7-0.9x at 32 rows, its cost growing with the rows. Dequantizing a
+# weight per call costs about as much as a 32-row GEMM on it, so only prefill-sized batches (more rows
+# than this) dequantize and run the dense GEMM: 0.85-0.93x at 256 rows (`python -m kernels.bench_quant`).
 PACKED_MAX_ROWS = 128
 
 
@@ -37,10 +37,6 @@ class Int8Weight:
     q: Tensor  # [N, K] int8
     scale: Tensor  # [N] float32
     _scale_lowp: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
 
     @property
     def nbytes(self) -> int:

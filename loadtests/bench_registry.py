@@ -54,7 +54,7 @@ class Server:
     def __init__(self, app):
         import uvicorn
 
-        from tests.conftest import free_port
+        from loadtests.servers import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

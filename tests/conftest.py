@@ -1,7 +1,6 @@
 """Shared fixtures: the embedded model, PEFT adapters made by the `peft` library, engines and a live server."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loadtests.servers import free_port
 from server.config import EngineConfig
 from server.models.embedded import ensure_embedded_model
 
@@ -84,12 +84,6 @@ def greedy_outputs(engine, jobs: list[tuple[str, str | None]], max_tokens: int) 
     while engine.has_work():
         engine.step()
     return [s.output_token_ids for s in seqs]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from kernels.dispatch import select_kernels
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -20,7 +21,6 @@ from server.lora.manager import AdapterManager
 from server.families.detect import parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
-from kernels.dispatch import select_kernels
 from server.models.loader import load_model
 from server.models.quantize import describe_kernels, quantize_model, resolve_quantization, weight_bytes
 

@@ -102,9 +102,12 @@ class DecoderLayer(torch.nn.Module):
         out.index_fill_(0, tok, 0)
         out.index_add_(0, rows, down * row_p.unsqueeze(1))
 
+    def linears(self) -> tuple[AdaptedLinear, ...]:
+        return (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+
     def adapter_targets(self) -> dict[str, AdaptedLinear]:
         """Logical module name -> the (possibly fused) linear that holds it."""
-        return {name: lin for lin in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj) for name in lin.slots}
+        return {name: lin for lin in self.linears() for name in lin.slots}
 
 
 class LlamaForCausalLM(torch.nn.Module):
@@ -127,7 +130,7 @@ class LlamaForCausalLM(torch.nn.Module):
     def use_kernels(self, kernels) -> None:
         """Route every adapter delta through `kernels` (a kernels.dispatch.KernelSet)."""
         for layer in self.layers:
-            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            for lin in layer.linears():
                 lin.kernels = kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -25,10 +25,9 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
     """Bytes held by the base model's weights (dense parameters plus quantized tensors)."""
     total = sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
     quant = {id(q): q for q in (model.embed_quant, model.lm_head_quant) if q is not None}
-    for layer in model.layers:
-        for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-            if lin.quant is not None:
-                quant[id(lin.quant)] = lin.quant
+    for lin in (lin for layer in model.layers for lin in layer.linears()):
+        if lin.quant is not None:
+            quant[id(lin.quant)] = lin.quant
     return total + sum(q.nbytes for q in quant.values())
 
 
@@ -39,7 +38,7 @@ def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, pro
     if mode == "none":
         return
     before = weight_bytes(model)
-    linears = [lin for layer in model.layers for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    linears = [lin for layer in model.layers for lin in layer.linears()]
     for lin in tqdm(linears, desc=f"Quantizing to {mode}", unit="linear", disable=not progress, leave=False):
         w = lin.weight.detach()
         lin.quantize(quantize_int8(w) if mode == "int8" else quantize_int4(w, group_size))
