@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from adapters_store import Registry, StoreUnavailable
-from server.api.errors import APIError
+from server.api.errors import APIError, unavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,11 @@ class Principal:
 
 
 ADMIN = Principal(None, True)
+
+
+def is_admin_request(request: Request, admin_key: str | None) -> bool:
+    """The caller presents the admin key, or none is configured (open mode: loopback only)."""
+    return admin_key is None or _is_admin(_bearer(request), admin_key)
 
 
 def _bearer(request: Request) -> str | None:
@@ -41,7 +49,8 @@ async def api_principal(request: Request, admin_key: str | None, registry: Regis
         try:
             tenant = await registry.tenant_for_key(token)
         except StoreUnavailable as e:
-            raise APIError(503, f"cannot check the API key: {e}", type="service_unavailable", headers={"Retry-After": "5"}) from None
+            log.warning("cannot check an API key: the adapter store is unreachable (%s)", e)
+            raise unavailable("cannot check the API key right now: retry later") from None
         if tenant is not None:
             return Principal(tenant, False)
     if admin_key is None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from server.admin_client import add_admin_commands, run_admin_command
+from server.api.limits import RequestLimits
 
 
 def _adapter_arg(value: str) -> tuple[str, Path]:
@@ -40,14 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    serve.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"), help="bearer key required on every API call (env HOTSWAP_ADMIN_KEY); without one the server listens on loopback only")
+    serve.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"),
+                       help="bearer key required on every API call; prefer the env HOTSWAP_ADMIN_KEY (a flag shows in `ps`). Without one the server listens on loopback only")
     serve.add_argument("--store", default="./var/store", help="adapter registry: a local directory, s3://bucket/prefix, or memory://")
     serve.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL or AWS); credentials from the AWS environment variables")
     serve.add_argument("--cache-dir", type=Path, default=None, help="local disk cache of adapter files (default: $HOTSWAP_HOME/adapter-cache)")
     serve.add_argument("--disk-cache-bytes", type=int, default=20 * 2**30)
     serve.add_argument("--host-adapter-bytes", type=int, default=4 * 2**30, help="host-RAM budget for parsed adapters")
     serve.add_argument("--adapter-memory-bytes", type=int, default=2 * 2**30, help="device budget for adapter row pools")
-    serve.add_argument("--max-adapter-bytes", type=int, default=512 * 2**20, help="largest adapter upload accepted")
+    serve.add_argument("--max-adapter-bytes", type=int, default=RequestLimits.max_adapter_bytes, help="largest adapter upload accepted (refused while it streams in)")
+    serve.add_argument("--max-request-bytes", type=int, default=RequestLimits.max_request_bytes, help="largest request body on every other route (413 before it is read in full)")
+    serve.add_argument("--max-n", type=int, default=RequestLimits.max_n, help="most choices (`n`) one request may ask for")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="most prompt tokens one request may send (default: the context length less one)")
+    serve.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json even when an admin key is set (always served without one)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     add_admin_commands(sub)
@@ -110,8 +116,20 @@ def _serve(args) -> int:
     engine = LLMEngine(config)
     service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
     logging.getLogger("hotswap").info("adapter registry: %s", service.registry.store.description)
-    app = build_app(engine, api_key=args.admin_key, adapter_service=service, max_adapter_bytes=args.max_adapter_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    limits = RequestLimits(
+        max_request_bytes=args.max_request_bytes, max_adapter_bytes=args.max_adapter_bytes,
+        max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
+    )
+    app = build_app(engine, api_key=args.admin_key, adapter_service=service, limits=limits, enable_docs=args.enable_docs)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT /health says `draining` while open requests finish."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
 
 

@@ -116,7 +116,7 @@ def test_malformed_json_is_400(live_server):
 def test_health_and_metrics(live_server, client):
     client.completions.create(model="r2-mlp", prompt="Hi", max_tokens=2)
     h = httpx.get(live_server.base_url + "/health").json()
-    assert h["status"] == "ok" and h["model"] == "smollm2"
+    assert h["status"] == "ready" and h["model"] == "smollm2"  # open mode: every caller is the admin
     assert h["quantization"] == "none" and h["kernels"]["adapters"].startswith("torch-cpu")  # what the engine picked
     text = httpx.get(live_server.base_url + "/metrics").text
     for name in (
@@ -139,7 +139,11 @@ def test_api_key_is_required_when_configured(model_dir, adapter_dirs):
             bad.models.list()
         good = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data[0].id == "smollm2"
-        assert httpx.get(srv.base_url + "/health").status_code == 200  # probes need no key
+        public = httpx.get(srv.base_url + "/health")
+        assert public.status_code == 200 and public.json() == {"status": "ready"}  # probes need no key, and learn nothing else
+        detailed = httpx.get(srv.base_url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert detailed["model"] == "smollm2" and "kernels" in detailed
+        assert httpx.get(srv.base_url + "/openapi.json").status_code == 404  # no API map for strangers
 
 
 def test_cli_refuses_a_public_address_without_a_key(capsys):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.service import build_adapter_service
 from server.api.app import build_app
+from server.api.limits import RequestLimits
 from server.config import EngineConfig
 from tests.conftest import LiveServer
 
@@ -31,7 +32,7 @@ def reg_engine(model_dir):
 def server(reg_engine, tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     service = build_adapter_service(reg_engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
-    with LiveServer(build_app(reg_engine, api_key=ADMIN, adapter_service=service, max_adapter_bytes=24 * 2**20)) as srv:
+    with LiveServer(build_app(reg_engine, api_key=ADMIN, adapter_service=service, limits=RequestLimits(max_adapter_bytes=24 * 2**20))) as srv:
         srv.admin = httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
         srv.store_root = root / "store"
         for tenant in ("acme", "globex"):

@@ -18,16 +18,13 @@ import torch
 
 from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, DiskCache, Registry, StoreUnavailable
 from server.adapters.host_cache import HostCache
-from server.api.errors import APIError
+from server.api.errors import APIError, unavailable
 from server.auth import Principal
 from server.families.detect import parse_adapter
 from server.lora.peft import AdapterError
 from server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = "5"
-
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
@@ -40,7 +37,9 @@ def device_key(m: AdapterManifest) -> str:
 
 
 def _unavailable(what: str, e: Exception) -> APIError:
-    return APIError(503, f"{what}: {e}", type="service_unavailable", code="store_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+    """Tenants learn that the store is down, never where it is: the details go to the log."""
+    log.warning("%s: %s", what, e)
+    return unavailable(f"{what}: retry later")
 
 
 class AdapterService:
@@ -163,7 +162,8 @@ class AdapterService:
         except StoreUnavailable as e:
             raise _unavailable(f"adapter `{m.tenant}/{m.name}` is not cached and the adapter store is unreachable", e) from None
         except CorruptObject as e:
-            raise APIError(503, str(e), type="service_unavailable", code="adapter_corrupt", headers={"Retry-After": RETRY_AFTER_S}) from None
+            log.error("adapter %s/%s: %s", m.tenant, m.name, e)
+            raise unavailable(f"adapter `{m.tenant}/{m.name}` failed its integrity check in the store: retry later", code="adapter_corrupt") from None
         except AdapterError as e:
             raise APIError(400, str(e), param="model") from None
 

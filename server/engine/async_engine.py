@@ -12,8 +12,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.llm_engine import LLMEngine
-from server.engine.sequence import Sequence
+from server.engine.llm_engine import ENGINE_FAILED, LLMEngine
+from server.engine.sequence import RequestFailed, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AsyncEngine:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
     async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
-        """Yields outputs until the sequence finishes. Leaving early (client gone) aborts it."""
+        """Yields outputs until the sequence finishes; RequestFailed if it failed. Leaving early (client gone) aborts it."""
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[seq.seq_id] = (loop, stream)
@@ -99,15 +99,18 @@ class AsyncEngine:
                     continue
                 updates = engine.step()
                 for u in updates:
+                    if u.seq.finish_reason == "error":  # this request alone failed
+                        self._emit(u.seq.seq_id, RequestFailed(u.seq.error or ENGINE_FAILED))
+                        continue
                     self._emit(
                         u.seq.seq_id,
                         RequestOutput(u.text, u.new_token_ids, u.finished, u.seq.finish_reason, len(u.seq.prompt_token_ids), len(u.seq.output_token_ids)),
                     )
                 if self.on_step is not None and engine.last_step is not None:
                     self.on_step(engine.last_step, engine)
-            except Exception as e:  # a bug in a step must not hang every client: fail them, keep serving
+            except Exception:  # a bug outside any one request must not hang every client: fail them, keep serving
                 log.exception("engine step failed")
-                self._fail_all(e)
+                self._fail_all()
 
     def _run_call(self, fn, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         try:
@@ -123,11 +126,11 @@ class AsyncEngine:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self) -> None:
         sched = self.engine.scheduler
         for seq in list(sched.running) + list(sched.waiting):
             self.engine.abort(seq)
-            self._emit(seq.seq_id, RuntimeError(f"engine error: {error}"))
+            self._emit(seq.seq_id, RequestFailed(ENGINE_FAILED))
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:

@@ -10,6 +10,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.fresh: list[int] = []  # handed out since the model runner last cleared them (take_fresh)
 
     @property
     def num_free(self) -> int:
@@ -29,8 +30,15 @@ class BlockManager:
             return True
         if missing > len(self.free_blocks):
             return False
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(missing))
+        new = [self.free_blocks.popleft() for _ in range(missing)]
+        seq.block_table.extend(new)
+        self.fresh.extend(new)
         return True
+
+    def take_fresh(self) -> list[int]:
+        """Blocks handed out since the last call: their contents are whatever an earlier owner left."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)

@@ -14,9 +14,9 @@ from kernels.dispatch import select_kernels
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.model_runner import ModelRunner
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.engine.model_runner import ModelRunner, StepResult
+from server.engine.scheduler import ScheduledSeq, Scheduler
+from server.engine.sequence import RequestFailed, Sequence
 from server.lora.manager import AdapterManager
 from server.families.detect import parse_adapter
 from server.lora.peft import read_adapter_files
@@ -27,6 +27,7 @@ from server.models.quantize import describe_kernels, quantize_model, resolve_qua
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ENGINE_FAILED = "the engine failed while computing this request"
 
 
 @dataclass(slots=True)
@@ -122,14 +123,22 @@ class LLMEngine:
         log.info("adapter %s (%s): %d units, %d modules, %.1f MiB", name, weights.family, weights.units, len(weights.modules), weights.num_bytes / 2**20)
 
     def _acquire_adapter(self, seq: Sequence) -> bool:
+        """Place the sequence's adapter (False: not now). An adapter that can never be placed fails
+        the requests that use it, never the step (RequestFailed)."""
         if seq.adapter is None:
             return True
         if self.adapters.get(seq.adapter) is not None:
             self.adapters.touch(seq.adapter)
         elif seq.adapter_weights is None:
-            raise KeyError(f"adapter {seq.adapter!r} is neither resident nor supplied with the request")
-        elif self.adapters.ensure_resident(seq.adapter_weights) is None:
-            return False
+            raise RequestFailed("the adapter was unloaded before this request could use it: retry")
+        else:
+            try:
+                placed = self.adapters.ensure_resident(seq.adapter_weights)
+            except Exception:
+                log.exception("adapter %s cannot be placed in the device pools", seq.adapter)
+                raise RequestFailed("the adapter cannot be placed on the device: it is larger than the adapter memory, or malformed") from None
+            if placed is None:
+                return False
         self.adapters.acquire(seq.adapter)
         return True
 
@@ -155,15 +164,21 @@ class LLMEngine:
     def step(self) -> list[SeqUpdate]:
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        updates = [self._failed(seq) for seq in self.scheduler.take_failed()]
         if not scheduled:
-            return []
-        sampled, num_adapters = self.runner.run(scheduled)
-        self.scheduler.postprocess(scheduled, sampled, self.eos_token_ids)
-        updates = []
-        for item, token in zip(scheduled, sampled):
+            return updates
+        self.runner.zero_blocks(self.block_manager.take_fresh())
+        result = self._run(scheduled)
+        for i, why in result.failures.items():
+            scheduled[i].seq.fail(why)
+        self.scheduler.postprocess(scheduled, result.tokens, self.eos_token_ids)
+        for i, (item, token) in enumerate(zip(scheduled, result.tokens)):
+            seq = item.seq
+            if i in result.failures:
+                updates.append(self._failed(seq))
+                continue
             if token is None:
                 continue
-            seq = item.seq
             detok = self._detok[seq.seq_id]
             if not (seq.is_finished and seq.finish_reason == "stop") and detok.add(token):
                 seq.finish("stop")
@@ -171,5 +186,29 @@ class LLMEngine:
             if seq.is_finished:
                 self._forget(seq)
         self.scheduler.release_finished()
-        self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled), num_adapters, time.perf_counter() - t0)
+        self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled), result.num_adapters, time.perf_counter() - t0)
         return updates
+
+    def _failed(self, seq: Sequence) -> SeqUpdate:
+        self._forget(seq)
+        return SeqUpdate(seq, "", [], True)
+
+    def _run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """Run the step; if the batch raises, run its sequences one at a time so that only those that fail
+        alone fail (the KV slots a failed attempt wrote are simply written again)."""
+        try:
+            return self.runner.run(scheduled)
+        except Exception:
+            log.exception("a step of %d sequences failed; running them one at a time to find which", len(scheduled))
+        tokens: list[int | None] = []
+        failures: dict[int, str] = {}
+        for i, item in enumerate(scheduled):
+            try:
+                alone = self.runner.run([item])
+            except Exception:
+                log.exception("sequence %d (adapter %s) fails on its own", item.seq.seq_id, item.seq.adapter)
+                alone = StepResult([None], {0: ENGINE_FAILED}, 0)
+            tokens.append(alone.tokens[0])
+            if alone.failures:
+                failures[i] = alone.failures[0]
+        return StepResult(tokens, failures, len({item.seq.adapter for item in scheduled} - {None}))

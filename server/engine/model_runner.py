@@ -1,6 +1,8 @@
 """Turns scheduled sequences into tensors, runs the model and samples. The only engine part that touches tensors."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels import make_lora_plan
@@ -12,16 +14,37 @@ from server.lora.manager import FAMILIES, SPACE_OF, AdapterManager
 from server.models.llama import ADAPTER_MODULES, LlamaForCausalLM
 
 
+@dataclass(slots=True)
+class StepResult:
+    tokens: list[int | None]  # per scheduled sequence: its sampled token; None while it is still prefilling or if it failed
+    failures: dict[int, str]  # scheduled index -> why that sequence failed (its own numbers, its sampling)
+    num_adapters: int  # distinct adapters in the step
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
         self.model, self.adapters, self.block_size = model, adapters, block_size
         cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block more than the block manager hands out: the null block, all zeros for ever, pads the
+        # decode block tables. Attention masks padded and not-yet-written positions, but a mask only
+        # zeroes their weight, and 0 x NaN is NaN: what sits in a position a sequence never wrote must
+        # be finite, so fresh blocks are zeroed too (zero_blocks) before their first use.
+        self.null_block = num_blocks
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         for layer in model.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype)
             layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype)
         self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
         self._generators: dict[int, torch.Generator] = {}
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Clear blocks just handed to sequences: a block's earlier owner may have left anything in it."""
+        if not blocks:
+            return
+        index = torch.tensor(blocks, dtype=torch.long)
+        for layer in self.model.layers:
+            layer.attn.k_cache.index_fill_(0, index, 0)
+            layer.attn.v_cache.index_fill_(0, index, 0)
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
@@ -36,9 +59,9 @@ class ModelRunner:
         return (FAMILIES.index(SPACE_OF[entry.family]), entry.row_start, entry.rank, entry.targets)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int | None], int]:
-        """Returns the sampled token of every scheduled sequence (None while it is still prefilling)
-        and the number of distinct adapters in the step."""
+    def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """The sampled token of every scheduled sequence, the sequences that failed alone, and the
+        number of distinct adapters in the step."""
         keys = [self._adapter_key(s.seq) for s in scheduled]
         is_decode = [s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
         # decode tokens first, then prefill chunks; each group sorted by adapter so adapters form segments
@@ -77,7 +100,7 @@ class ModelRunner:
         decode_tables = decode_mask = None
         if dec_tables:
             width = max(len(t) for t in dec_tables)
-            decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long)
+            decode_tables = torch.tensor([t + [self.null_block] * (width - len(t)) for t in dec_tables], dtype=torch.long)
             lens = torch.tensor(dec_lens)
             decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_tables), 1, 1, -1)
         plans = [self._plans(seg_indptr, seg_keys, family) for family in range(len(FAMILIES))]
@@ -94,13 +117,17 @@ class ModelRunner:
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
 
         sampled: list[int | None] = [None] * len(scheduled)
+        failures: dict[int, str] = {}
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in sample_rows])])
             seqs = [scheduled[i].seq for i, _ in sample_rows]
-            tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
-            for (i, _), tok in zip(sample_rows, tokens):
-                sampled[i] = tok
-        return sampled, len({k for k in keys if k[0] >= 0})
+            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+            for row, ((i, _), tok) in enumerate(zip(sample_rows, tokens)):
+                if row in failed_rows:
+                    failures[i] = failed_rows[row]
+                else:
+                    sampled[i] = tok
+        return StepResult(sampled, failures, len({k for k in keys if k[0] >= 0}))
 
     def _moe_group(self, name: str, tokens: list[int]) -> MoEGroup:
         entry = self.adapters.get(name)

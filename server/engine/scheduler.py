@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
-from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.sequence import RequestFailed, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -35,14 +35,16 @@ class Scheduler:
         acquire_adapter: Callable[[Sequence], bool] = lambda seq: True,
         release_adapter: Callable[[Sequence], None] = lambda seq: None,
     ):
-        """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now);
-        release_adapter undoes the count when the sequence leaves the running batch."""
+        """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now;
+        RequestFailed: never, and the sequence fails alone); release_adapter undoes the count when the
+        sequence leaves the running batch."""
         self.blocks = block_manager
         self.acquire_adapter, self.release_adapter = acquire_adapter, release_adapter
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[Sequence] = []  # failed while being admitted, not yet reported (take_failed)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -88,7 +90,14 @@ class Scheduler:
             needed = self.blocks.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
             if self.blocks.num_free - needed < len(self.running):
                 break
-            if not self.acquire_adapter(seq):
+            try:
+                placed = self.acquire_adapter(seq)
+            except RequestFailed as e:  # its adapter can never be placed: that request fails, not the step
+                self.waiting.popleft()
+                seq.fail(str(e))
+                self.failed.append(seq)
+                continue
+            if not placed:
                 # its adapter cannot be placed until others go idle: let the requests behind it pass
                 blocked_by_adapter.append(self.waiting.popleft())
                 continue
@@ -129,6 +138,10 @@ class Scheduler:
                 seq.finish("stop")
             elif len(seq.output_token_ids) >= p.max_tokens:
                 seq.finish("length")
+
+    def take_failed(self) -> list[Sequence]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def release_finished(self) -> None:
         """Free the blocks of sequences finished by postprocess or by a stop string."""

@@ -6,16 +6,40 @@ import itertools
 from dataclasses import dataclass, field
 
 
+# Below this a temperature only divides logits towards overflow; 0 asks for greedy decoding.
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class RequestFailed(Exception):
+    """A failure that belongs to one request: its sequences end, every other request goes on.
+    The message is meant for the client: it never carries internals."""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
+    top_k: int = 0  # 0 or -1 = disabled
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # The API validates requests at the edge; these are the engine's own invariants, so that no
+        # value can reach a step and fail the batch it runs in.
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number of at least {MIN_TEMPERATURE}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must lie in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError("top_k must be -1 or 0 (disabled) or positive")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError("seed must fit in 64 bits")
 
     @property
     def greedy(self) -> bool:
@@ -41,7 +65,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why it failed (finish_reason "error"), for the client
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
@@ -66,3 +91,8 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         self.status, self.finish_reason = SequenceStatus.FINISHED, reason
+
+    def fail(self, why: str) -> None:
+        """End this sequence alone because of something that belongs to it (its adapter, its numbers)."""
+        self.finish("error")
+        self.error = why

@@ -167,8 +167,13 @@ class AdapterManager:
         if start is None:
             return None
         space.clear(start, weights.units)
-        for (layer, module) in weights.modules:
-            weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
+        try:
+            for (layer, module) in weights.modules:
+                weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
+        except Exception:  # the adapter's weights do not fit its own description: give its units back
+            space.clear(start, weights.units)
+            space.units.release(start, weights.units)
+            raise
         moe = weights.family == "moe-lora"  # experts are routed per layer; the step plan carries its attention LoRA
         targets = frozenset(m for _, m in (weights.attn if moe else weights.modules))
         entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if moe else None, targets)

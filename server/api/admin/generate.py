@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from adapters_store import AdapterNotFound, CorruptObject, InvalidName, validate_name
 from server.api.admin.routes import _admin, _manifest_json, _store
-from server.api.errors import APIError
+from server.api.errors import APIError, unavailable
+from server.api.fields import StrictModel, Text
 from server.families.detect import module_units, parse_adapter
 from server.families.sglora import GenerationError, RankOverflow, is_generated, make_generator, provenance, select_experts
 from server.families.text_encoder import EncoderUnavailable, default_encoder
@@ -32,14 +34,14 @@ router = APIRouter(prefix="/admin/v1")
 MAX_TOP_K = 16
 
 
-class GenerateRequest(BaseModel):
-    tenant: str
-    name: str
-    description: str = Field(min_length=1, max_length=8192)
-    experts: list[str] | None = Field(default=None, min_length=1, max_length=64)
+class GenerateRequest(StrictModel):
+    tenant: Annotated[Text, Field(max_length=256)]
+    name: Annotated[Text, Field(max_length=256)]
+    description: Annotated[Text, Field(min_length=1, max_length=8192)]
+    experts: list[Annotated[Text, Field(max_length=512)]] | None = Field(default=None, min_length=1, max_length=64)
     top_k: int = Field(default=3, ge=1, le=MAX_TOP_K)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    generator: str = "fusion"
+    generator: Annotated[Text, Field(max_length=64)] = "fusion"
     public: bool = False
     new_version: bool = False
 
@@ -123,7 +125,7 @@ async def generate_adapter(body: GenerateRequest, request: Request):
     try:
         files_list = await asyncio.gather(*(_store(state.registry.fetch_files(e.manifest, cache=service.disk)) for e in chosen))
     except CorruptObject as e:
-        raise APIError(503, str(e), type="service_unavailable", code="adapter_corrupt", headers={"Retry-After": "5"}) from None
+        raise unavailable(str(e), code="adapter_corrupt") from None
     except AdapterNotFound as e:  # deleted meanwhile
         raise APIError(404, str(e), type="not_found_error", code="not_found") from None
 

@@ -3,35 +3,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import (
     AdapterExists, AdapterNotFound, InvalidName, KeyNotFound, ManifestError, StoreUnavailable, TenantExists, TenantNotFound,
 )
 from server.adapters.service import device_key
-from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive, too_large
-from server.api.errors import APIError
-from server.auth import require_admin
+from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
+from server.api.errors import APIError, too_large, unavailable
+from server.api.fields import StrictModel, Text
 from server.families.detect import FAMILIES, module_units, parse_adapter
 from server.lora.peft import AdapterError
 
 router = APIRouter(prefix="/admin/v1")
 
-# multipart framing and form fields around the files
-_UPLOAD_SLACK_BYTES = 64 * 1024
 
-
-class TenantCreate(BaseModel):
-    name: str
+class TenantCreate(StrictModel):
+    name: Annotated[Text, Field(max_length=256)]
 
 
 def _admin(request: Request):
+    """The app's state for an admin route (the admin key was checked before the body was read: server.api.guard)."""
     state = request.app.state
-    require_admin(request, state.admin_key)
     if state.adapter_service is None:
         raise APIError(404, "this server runs without an adapter registry", code="no_registry")
     return state
@@ -48,7 +47,7 @@ async def _store(call):
     except (TenantNotFound, AdapterNotFound, KeyNotFound) as e:
         raise APIError(404, str(e), type="not_found_error", code="not_found") from None
     except StoreUnavailable as e:
-        raise APIError(503, str(e), type="service_unavailable", code="store_unavailable", headers={"Retry-After": "5"}) from None
+        raise unavailable(str(e)) from None  # the admin may see where the store is
 
 
 # -- tenants and keys ---------------------------------------------------------------------------
@@ -86,14 +85,15 @@ def _manifest_json(m) -> dict:
 @router.post("/adapters", status_code=201)
 async def upload_adapter(request: Request):
     state = _admin(request)
-    limit = state.max_adapter_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _UPLOAD_SLACK_BYTES:
-        raise too_large(limit)
+    limit = state.limits.max_adapter_bytes  # the whole body is capped while it streams in (server.api.guard)
     try:
         form = await request.form(max_files=4, max_fields=16)
-    except Exception as e:  # malformed multipart bodies raise a variety of parser errors
-        raise APIError(400, f"expected a multipart/form-data upload ({e})") from None
+    except StarletteHTTPException as e:
+        if e.status_code == 413:
+            raise
+        raise APIError(400, f"expected a multipart/form-data upload ({e.detail})") from None
+    except Exception:  # a malformed body can trip the multipart parser in many ways; none is worth echoing
+        raise APIError(400, "expected a multipart/form-data upload") from None
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
     tenant, name = fields.get("tenant"), fields.get("name")
@@ -111,7 +111,7 @@ async def upload_adapter(request: Request):
         data = await upload.read(limit + 1)
         total += len(data)
         if len(data) > limit or total > limit:
-            raise too_large(limit)
+            raise too_large(limit, upload=True)
         filename = upload.filename or field
         if field == "archive" or filename.endswith(ARCHIVE_SUFFIXES):
             files.update(extract_archive(data, filename, limit))
@@ -201,9 +201,10 @@ async def unpin_adapter(tenant: str, name: str, request: Request):
 
 
 # -- per-user state of personalised adapters (RecLoRA) ----------------------------------------
-class UserState(BaseModel):
-    weights: list[float] | None = None
-    vector: list[float] | None = None
+class UserState(StrictModel):
+    # finite numbers only (StrictModel); the adapter checks the length
+    weights: list[float] | None = Field(None, max_length=4096)
+    vector: list[float] | None = Field(None, max_length=65536)
 
 
 @router.put("/adapters/{tenant}/{name}/users/{user}")

@@ -6,15 +6,11 @@ import posixpath
 import tarfile
 import zipfile
 
-from server.api.errors import APIError
+from server.api.errors import APIError, too_large
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 
 WANTED = (CONFIG_FILE, WEIGHTS_FILE)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-
-
-def too_large(limit: int) -> APIError:
-    return APIError(413, f"the adapter exceeds --max-adapter-bytes ({limit} bytes)", code="adapter_too_large")
 
 
 def _safe_member(name: str) -> str:
@@ -56,7 +52,7 @@ def extract_archive(data: bytes, filename: str, limit: int) -> dict[str, bytes]:
                         raise APIError(400, f"archive entry {info.filename!r} is a symbolic link", param="archive", code="unsafe_archive")
                     total += info.file_size
                     if total > limit:
-                        raise too_large(limit)
+                        raise too_large(limit, upload=True)
                     if posixpath.basename(path) in WANTED:
                         entries[path] = zf.read(info)
         else:
@@ -69,7 +65,7 @@ def extract_archive(data: bytes, filename: str, limit: int) -> dict[str, bytes]:
                         raise APIError(400, f"archive entry {member.name!r} is not a regular file", param="archive", code="unsafe_archive")
                     total += member.size
                     if total > limit:
-                        raise too_large(limit)
+                        raise too_large(limit, upload=True)
                     if posixpath.basename(path) in WANTED:
                         entries[path] = tf.extractfile(member).read()
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:

@@ -1,54 +1,71 @@
-"""Request and response shapes of the OpenAI API (the parts hotswap serves)."""
+"""Request and response shapes of the OpenAI API (the parts hotswap serves), validated strictly (server.api.fields)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+from server.api.fields import StrictModel, Text
+from server.engine.sequence import MIN_TEMPERATURE
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 16, 1024
+MAX_STOP_TOKEN_IDS = 256
 
 
-class StreamOptions(BaseModel):
+def _temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    # Unknown fields are ignored like OpenAI's own server does for forward compatibility.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+class SamplingFields(StrictModel):
+    model: Annotated[Text, Field(min_length=1, max_length=512)]
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_temperature)] = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # extension (vLLM): 0 disables
-    n: int = Field(1, ge=1)
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)  # extension (vLLM): 0 or -1 disables
+    n: int = Field(1, ge=1)  # the server's --max-n is checked when the request is served
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
-    seed: int | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    user: Annotated[Text, Field(max_length=512)] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(StrictModel):
+    type: Text
+    text: Text | None = None
 
+
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class Usage(BaseModel):

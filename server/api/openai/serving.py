@@ -1,38 +1,58 @@
-"""From OpenAI requests to engine sequences and back: validation, tokenization, response shapes."""
+"""From OpenAI requests to engine sequences and back: limits, tokenization, response shapes.
+
+The caller was authenticated and the body capped before it was read (server.api.guard), and the
+fields were validated strictly on parsing (protocol.py). What is checked here needs the model: the
+prompt's length in tokens, `n` and the KV cache a request could claim. Prompts too long to be
+within the limit are refused from their length in characters, without tokenizing them, and large
+inputs are tokenized on a worker thread so that the event loop keeps answering everyone else.
+"""
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-
 from datetime import datetime
 
 from fastapi import Request
 
 from adapters_store import StoreUnavailable
 from server.adapters.service import AdapterService
-from server.auth import Principal, api_principal
-
-from server.api.errors import APIError
+from server.api.errors import APIError, unavailable
+from server.api.limits import RequestLimits
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
+from server.auth import Principal
 from server.engine.async_engine import AsyncEngine, RequestOutput
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import RequestFailed, SamplingParams, Sequence
 from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Inputs longer than this (characters) are tokenized, and chat templates rendered, on a worker thread.
+OFFLOAD_CHARS = 16_384
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, adapter_service: AdapterService | None = None):
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, limits: RequestLimits, adapter_service: AdapterService | None = None):
         self.engine = engine
         self.adapter_service = adapter_service
         self.metrics = metrics
+        self.limits = limits
         self.llm = engine.engine
         self.created = int(time.time())
+        context = self.llm.max_model_len - 1  # at least one token must be left to generate
+        self.max_prompt_tokens = min(limits.max_prompt_tokens or context, context)
+        # No token covers more characters than its own string in the vocabulary has (byte-level BPE: one
+        # per byte; SentencePiece: one per piece character), so a text longer than the prompt limit
+        # times this cannot fit the limit, whatever its tokens turn out to be.
+        self.max_chars_per_token = max(len(t) for t in self.llm.tokenizer.get_vocab())
+        self.kv_cache_tokens = self.llm.block_manager.num_blocks * self.llm.block_manager.block_size
 
     # -- models ----------------------------------------------------------------------------
     async def list_models(self, raw: Request) -> ModelList:
-        principal = await self.principal(raw)
+        principal = self.principal(raw)
         base = self.llm.model_name
         cards = [ModelCard(id=base, created=self.created, root=str(self.llm.model_dir))]
         cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.llm.static_adapters)]
@@ -43,26 +63,26 @@ class OpenAIServing:
                 if principal.tenant is not None:  # plus other tenants' public adapters
                     manifests += [m for m in await service.registry.list() if m.public and m.tenant != principal.tenant]
             except StoreUnavailable as e:
-                raise APIError(503, f"the adapter store is unreachable: {e}", type="service_unavailable", code="store_unavailable", headers={"Retry-After": "5"}) from None
+                log.warning("cannot list adapters: the adapter store is unreachable (%s)", e)
+                raise unavailable("the adapter registry is unreachable right now: retry later") from None
             for m in manifests:
                 model_id = m.name if m.tenant == principal.tenant else f"{m.tenant}/{m.name}"
                 cards.append(ModelCard(id=model_id, created=_epoch(m.created_at), parent=base, owned_by=m.tenant))
         return ModelList(data=cards)
 
-    async def principal(self, raw: Request) -> Principal:
-        state = raw.app.state
-        return await api_principal(raw, state.admin_key, state.registry)
+    @staticmethod
+    def principal(raw: Request) -> Principal:
+        return raw.state.principal  # set from the headers before the body was read (server.api.guard)
 
     async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None]:
         """(engine adapter key, host weights to place if not resident) for the request's `model`."""
-        principal = await self.principal(raw)
         if model == self.llm.model_name:
             return None, None
         if model in self.llm.static_adapters:
             return model, None
         if self.adapter_service is None:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        manifest = await self.adapter_service.resolve(principal, model)
+        manifest = await self.adapter_service.resolve(self.principal(raw), model)
         return await self.adapter_service.for_request(manifest, user)
 
     # -- request -> sequences --------------------------------------------------------------
@@ -73,32 +93,72 @@ class OpenAIServing:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported yet", param="presence_penalty")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if req.n > self.limits.max_n:
+            raise APIError(400, f"n must be at most {self.limits.max_n} on this server", param="n")
+        vocab = self.llm.model.config.vocab_size
+        if any(t >= vocab for t in req.stop_token_ids or ()):
+            raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
 
-    def _params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, choice: int) -> SamplingParams:
-        limit = self.llm.max_model_len
-        if prompt_len >= limit:
-            raise APIError(
-                400, f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens.",
-                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt", code="context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = limit - prompt_len
-        elif prompt_len + max_tokens > limit:
-            raise APIError(
-                400, f"This model's maximum context length is {limit} tokens. However, you requested {prompt_len + max_tokens} "
-                f"tokens ({prompt_len} in the prompt, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
-                param="max_tokens", code="context_length_exceeded",
-            )
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_tokens * self.max_chars_per_token:
+            raise self._prompt_too_long(f"{chars} characters, more than {self.max_prompt_tokens} tokens can hold", param)
+
+    def _check_prompt_tokens(self, num_tokens: int, param: str) -> None:
+        if num_tokens > self.max_prompt_tokens:
+            raise self._prompt_too_long(f"{num_tokens} tokens", param)
+
+    def _prompt_too_long(self, size: str, param: str) -> APIError:
+        context = self.llm.max_model_len
+        if self.max_prompt_tokens == context - 1:
+            return APIError(400, f"This model's maximum context length is {context} tokens, but the prompt has {size}.", param=param, code="context_length_exceeded")
+        return APIError(400, f"This server accepts prompts of at most {self.max_prompt_tokens} tokens (--max-prompt-tokens), but the prompt has {size}.",
+                        param=param, code="context_length_exceeded")  # fmt: skip
+
+    def _sequences(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, adapter, weights) -> list[Sequence]:
+        """n sequences per prompt, within the engine's batch width and its KV cache."""
+        count = len(prompts) * req.n
+        if count > self.llm.config.max_num_seqs:
+            raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {self.llm.config.max_num_seqs} at once",
+                           param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
+        context = self.llm.max_model_len
+        # All of a request's sequences may run at once, so together they must fit the KV cache.
+        share = self.kv_cache_tokens // count
+        seqs = []
+        for ids in prompts:
+            wanted = max_tokens
+            if wanted is None:
+                wanted = min(context, share) - len(ids)
+                if wanted < 1:
+                    raise APIError(400, f"no room is left to generate: {count} sequences of {len(ids)} prompt tokens fill the "
+                                        f"KV cache of {self.kv_cache_tokens} tokens; lower n", param="n")  # fmt: skip
+            elif len(ids) + wanted > context:
+                raise APIError(
+                    400, f"This model's maximum context length is {context} tokens. However, you requested {len(ids) + wanted} "
+                    f"tokens ({len(ids)} in the prompt, {wanted} for the completion). Reduce the prompt or max_tokens.",
+                    param="max_tokens", code="context_length_exceeded",
+                )
+            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights) for j in range(req.n)]
+        claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
+        if claimed > self.kv_cache_tokens:
+            raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
+                                f"sequences), more than the server's {self.kv_cache_tokens}: lower n or max_tokens", param="max_tokens")  # fmt: skip
+        return seqs
+
+    @staticmethod
+    def _params(req: SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", param="stop")
         return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
             seed=None if req.seed is None else req.seed + choice, stop=stop,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         )
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+    async def _encode(self, text: str) -> list[int]:
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(lambda: self.llm.tokenizer(text)["input_ids"])
+        return self.llm.tokenizer(text)["input_ids"]
+
+    async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
             p = [p]
@@ -106,50 +166,64 @@ class OpenAIServing:
             p = [p]
         if not p:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        token_lists = [list(x) if isinstance(x, list) else self.llm.tokenizer(x)["input_ids"] for x in p]
+        if len(p) * req.n > self.llm.config.max_num_seqs:  # before tokenizing any of them
+            raise APIError(400, f"this request asks for {len(p) * req.n} sequences (prompts x n); the server runs at most "
+                                f"{self.llm.config.max_num_seqs} at once", param="prompt")  # fmt: skip
         vocab = self.llm.model.config.vocab_size
-        for ids in token_lists:
+        token_lists = []
+        for x in p:
+            if isinstance(x, str):
+                self._check_prompt_chars(len(x), "prompt")
+                ids = await self._encode(x)
+            else:
+                ids = list(x)
+                if any(t >= vocab for t in ids):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
-            if any(t < 0 or t >= vocab for t in ids):
-                raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+            self._check_prompt_tokens(len(ids), "prompt")
+            token_lists.append(ids)
         return token_lists
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         messages = []
-        for m in req.messages:
+        for i, m in enumerate(req.messages):
             content = m.content
             if isinstance(content, list):
-                if any(part.get("type") != "text" for part in content):
-                    raise APIError(400, "only text content parts are supported", param="messages")
-                content = "".join(part.get("text", "") for part in content)
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", param=f"messages.{i}.content")
+                content = "".join(part.text for part in content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         tok = self.llm.tokenizer
         if not tok.chat_template:
             raise APIError(400, f"model `{self.llm.model_name}` has no chat template: use /v1/completions", param="messages")
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        chars = sum(len(m["content"]) for m in messages)
+        self._check_prompt_chars(chars, "messages")
+
+        def render() -> list[int]:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        ids = await asyncio.to_thread(render) if chars > OFFLOAD_CHARS else render()
+        self._check_prompt_tokens(len(ids), "messages")
+        return ids
 
     # -- running ---------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request):
         self._check_supported(req)
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-        prompts = self._completion_prompts(req)
+        prompts = await self._completion_prompts(req)
         adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
-        seqs = [
-            Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights)
-            for ids in prompts for j in range(req.n)
-        ]
+        seqs = self._sequences(req, prompts, max_tokens, adapter, weights)
         return await self._run("completions", req, seqs, raw, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self._check_supported(req)
-        ids = self._chat_prompt(req)
+        ids = await self._chat_prompt(req)
         adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        seqs = [Sequence(ids, self._params(req, len(ids), max_tokens, j), adapter, adapter_weights=weights) for j in range(req.n)]
+        seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights)
         return await self._run("chat", req, seqs, raw, chat=True)
 
     async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, chat: bool):
@@ -169,7 +243,10 @@ class OpenAIServing:
                 task.cancel()
                 self.metrics.requests.labels(endpoint, "abort").inc()
                 raise APIError(499, "client disconnected", type="client_closed")
-        results = task.result()
+        try:
+            results = task.result()
+        except RequestFailed as e:
+            raise APIError(500, str(e), type="server_error", code="request_failed") from None
         choices = []
         for i, (text, reason, _) in enumerate(results):
             if chat:
@@ -224,25 +301,26 @@ class OpenAIServing:
     async def _timed(self, endpoint: str, seq: Sequence, start: float) -> AsyncIterator[RequestOutput]:
         m = self.metrics
         first = None
-        finished = False
+        outcome = "abort"
         try:
             async for out in self.engine.generate(seq):
                 if first is None and out.token_ids:
                     first = time.perf_counter()
                     m.ttft.observe(first - start)
                 if out.finished:
-                    finished = True
+                    outcome = out.finish_reason or "unknown"
                     end = time.perf_counter()
                     m.latency.observe(end - start)
                     if out.num_output_tokens > 1:
                         m.tpot.observe((end - first) / (out.num_output_tokens - 1))
                     m.prompt_tokens.inc(out.num_prompt_tokens)
                     m.generation_tokens.inc(out.num_output_tokens)
-                    m.requests.labels(endpoint, out.finish_reason or "unknown").inc()
                 yield out
+        except RequestFailed:
+            outcome = "error"
+            raise
         finally:
-            if not finished:
-                m.requests.labels(endpoint, "abort").inc()
+            m.requests.labels(endpoint, outcome).inc()
 
     async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None) -> AsyncIterator[str]:
         """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks."""
@@ -268,8 +346,9 @@ class OpenAIServing:
                     yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
                 else:
                     yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": reason}])
-        except RuntimeError as e:  # engine failure mid-stream: tell the client in-band
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        except RequestFailed as e:  # the status line is long gone: tell the client in-band, as vLLM does
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': 'request_failed'}})}\n\n"
+            yield "data: [DONE]\n\n"
             return
         if usage_prompt_tokens is not None:
             total = sum(completion_tokens)

@@ -1,0 +1,66 @@
+"""Limits before work: who is calling and how large the body may be are settled from the headers alone,
+before a byte of the body is read, parsed or tokenized.
+
+- `/v1/...`: the caller's principal (admin, a tenant by its key, or anyone in open mode) is put in
+  `request.state.principal`; a wrong key is a 401 at once.
+- `/admin/...`: the admin key, or a 401 at once.
+- Every body is capped: a declared Content-Length over the cap is a 413 at once, and a body streamed
+  without one (chunked) is cut off with a 413 as soon as it passes the cap, so nothing ever buffers or
+  spools more than the cap. Uploads have their own, larger cap.
+"""
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from adapters_store import Registry
+from server.api.errors import UPLOAD_LIMIT_SCOPE_KEY, APIError, error_response, too_large
+from server.api.limits import RequestLimits
+from server.auth import api_principal, require_admin
+
+# multipart framing and form fields around an uploaded adapter's bytes
+UPLOAD_SLACK_BYTES = 64 * 1024
+UPLOAD_PATH = "/admin/v1/adapters"
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, admin_key: str | None, registry: Registry | None, limits: RequestLimits):
+        self.app, self.admin_key, self.registry, self.limits = app, admin_key, registry, limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers only: the body is not touched here
+        path: str = scope["path"]
+        upload = scope["method"] == "POST" and path == UPLOAD_PATH
+        if upload:
+            scope[UPLOAD_LIMIT_SCOPE_KEY] = self.limits.max_adapter_bytes  # for the 413's message
+        limit = self.limits.max_adapter_bytes + UPLOAD_SLACK_BYTES if upload else self.limits.max_request_bytes
+        try:
+            if path == "/v1" or path.startswith("/v1/"):
+                request.state.principal = await api_principal(request, self.admin_key, self.registry)
+            elif path == "/admin" or path.startswith("/admin/"):
+                require_admin(request, self.admin_key)
+            declared = _content_length(request.headers)
+            if declared is not None and declared > limit:
+                raise too_large(self.limits.max_adapter_bytes if upload else limit, upload)
+        except APIError as e:
+            await error_response(e, close=_unread_body_is_large(request.headers, limit))(scope, receive, send)
+            return
+        await RequestBodyLimitMiddleware(self.app, limit)(scope, receive, send)
+
+
+def _content_length(headers: Headers) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _unread_body_is_large(headers: Headers, limit: int) -> bool:
+    """Answering before reading the body leaves the server to drain it for keep-alive; a body of unknown
+    or excessive length is not worth draining, so the connection is closed after the answer instead."""
+    declared = _content_length(headers)
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    return chunked or (declared is not None and declared > limit)

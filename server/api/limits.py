@@ -1,0 +1,18 @@
+"""What one request may ask of the server: settled before any work is done for it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    # Request bodies beyond this are refused with 413 before they are read in full (uploads have their own cap).
+    max_request_bytes: int = 4 * MiB
+    # Largest adapter upload; the multipart body may carry this much plus its framing.
+    max_adapter_bytes: int = 512 * MiB
+    # Most choices per request (`n`), as the common servers cap it.
+    max_n: int = 16
+    # Most prompt tokens per request; None = the context length less one token to generate.
+    max_prompt_tokens: int | None = None
