@@ -1,6 +1,7 @@
 """`hotswap adapters ...` and `hotswap tenants ...`: a small client of the admin API."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from server.console import CliError
+
 CHUNK = 256 * 1024
 
 
@@ -19,6 +22,7 @@ def add_admin_commands(sub) -> None:
     def common(p):
         p.add_argument("--url", default=os.environ.get("HOTSWAP_URL", "http://127.0.0.1:8000"), help="server address (env HOTSWAP_URL)")
         p.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"), help="admin key (env HOTSWAP_ADMIN_KEY)")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server's answer")
 
     adapters = sub.add_parser("adapters", help="manage adapters in the registry").add_subparsers(dest="action", required=True)
     push = adapters.add_parser("push", help="upload a PEFT adapter directory")
@@ -46,24 +50,49 @@ def add_admin_commands(sub) -> None:
 
 def _client(args) -> httpx.Client:
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
-    return httpx.Client(base_url=args.url, headers=headers, timeout=300)
+    # A dead address should fail fast; an upload or a cold listing may take long.
+    timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0))
+    return httpx.Client(base_url=args.url, headers=headers, timeout=timeout)
 
 
-def _check(resp: httpx.Response) -> dict:
+def _one_line(text: str, limit: int = 200) -> str:
+    """A server's error text (maybe an HTML page) squeezed into one short line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check(resp: httpx.Response, args, *fields: str) -> dict:
+    """The JSON object a successful call answered, holding `fields`; CliError for anything else."""
+    if resp.status_code == 401:
+        if args.admin_key:
+            raise CliError("the server refused the admin key (HTTP 401): set HOTSWAP_ADMIN_KEY (or --admin-key) to the key the server was started with")
+        raise CliError("the server needs an admin key (HTTP 401): set HOTSWAP_ADMIN_KEY (or --admin-key) to the server's --admin-key")
     if resp.status_code >= 400:
         try:
             message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text
-        raise SystemExit(f"hotswap: {resp.status_code} {message}")
-    return resp.json() if resp.content else {}
+        except (ValueError, KeyError, TypeError):  # not hotswap's error body: show what came
+            message = resp.text or resp.reason_phrase
+        raise CliError(f"the server answered HTTP {resp.status_code}: {_one_line(str(message))}")
+    if not resp.content and not fields:
+        return {}
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or any(f not in body for f in fields):
+        kind = resp.headers.get("content-type", "no content type")
+        raise CliError(f"{args.url} answered HTTP {resp.status_code} ({kind}) but not as the hotswap admin API does: is --url (or HOTSWAP_URL) a hotswap server?")
+    return body
 
 
 def _archive(directory: Path) -> bytes:
     files = [directory / "adapter_config.json", directory / "adapter_model.safetensors"]
+    if not directory.is_dir():
+        raise CliError(f"{directory} is not a directory: push takes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise SystemExit(f"hotswap: {directory} lacks {', '.join(missing)} (a PEFT LoRA directory, as saved by save_pretrained)")
+        hint = "; a pickled adapter_model.bin is never loaded: convert it to safetensors" if (directory / "adapter_model.bin").exists() else ""
+        raise CliError(f"{directory} lacks {', '.join(missing)} (a PEFT LoRA directory, as saved by save_pretrained){hint}")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for f in files:
@@ -80,41 +109,56 @@ def _multipart(fields: dict[str, str], filename: str, data: bytes) -> tuple[str,
     return boundary, [head, data, f"\r\n--{boundary}--\r\n".encode()]
 
 
-def run_admin_command(args) -> int:
-    with _client(args) as client:
-        if args.command == "tenants" and args.action == "create":
-            print(json.dumps(_check(client.post("/admin/v1/tenants", json={"name": args.name})), indent=2))
-        elif args.command == "tenants" and args.action == "key":
-            body = _check(client.post(f"/admin/v1/tenants/{args.tenant}/keys"))
-            print(f"key id {body['id']} for tenant {body['tenant']} (shown once, store it now):\n{body['key']}")
-        elif args.action == "push":
-            data = _archive(args.dir)
-            fields = {"tenant": args.tenant, "name": args.name, "description": args.description,
-                      "public": str(args.public).lower(), "new_version": str(args.new_version).lower()}
-            boundary, parts = _multipart(fields, f"{args.name}.tar.gz", data)
-            total = sum(len(p) for p in parts)
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"uploading {args.name}", file=sys.stderr)
+def run_admin_command(args: argparse.Namespace) -> int:
+    """Run one `adapters ...` / `tenants ...` command: 0 on success. What the user can fix (an
+    unreachable or wrong server, a refused key, a missing directory) raises CliError."""
+    try:
+        with _client(args) as client:
+            _run(client, args)
+    except httpx.TimeoutException as e:
+        raise CliError(f"{args.url} did not answer within {args.timeout:g} s ({type(e).__name__}): check --url (or HOTSWAP_URL), or raise --timeout") from e
+    except httpx.ConnectError as e:
+        raise CliError(f"cannot connect to a hotswap server at {args.url} ({e}): start one with `hotswap serve`, or point --url (or HOTSWAP_URL) at it") from e
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+        raise CliError(f"--url {args.url!r} is not an http(s) address ({e})") from e
+    except httpx.HTTPError as e:  # the connection broke, or the server spoke something else than HTTP
+        raise CliError(f"talking to {args.url} failed ({type(e).__name__}: {str(e) or 'no details'}): check --url (or HOTSWAP_URL)") from e
+    return 0
 
-            def body():
+
+def _run(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.command == "tenants" and args.action == "create":
+        print(json.dumps(_check(client.post("/admin/v1/tenants", json={"name": args.name}), args), indent=2))
+    elif args.command == "tenants" and args.action == "key":
+        body = _check(client.post(f"/admin/v1/tenants/{args.tenant}/keys"), args, "id", "tenant", "key")
+        print(f"key id {body['id']} for tenant {body['tenant']} (shown once, store it now):\n{body['key']}")
+    elif args.action == "push":
+        data = _archive(args.dir)
+        fields = {"tenant": args.tenant, "name": args.name, "description": args.description,
+                  "public": str(args.public).lower(), "new_version": str(args.new_version).lower()}
+        boundary, parts = _multipart(fields, f"{args.name}.tar.gz", data)
+        total = sum(len(p) for p in parts)
+
+        def body():
+            # The bar starts with the upload (not before a refused connection), and only on a terminal.
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"uploading {args.name}", file=sys.stderr, disable=None) as bar:
                 for part in parts:
                     for i in range(0, len(part), CHUNK):
                         chunk = part[i : i + CHUNK]
                         bar.update(len(chunk))
                         yield chunk
 
-            resp = client.post("/admin/v1/adapters", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)})
-            bar.close()
-            m = _check(resp)
-            print(f"published {m['tenant']}/{m['name']} v{m['version']} ({m['bytes']} bytes, ranks {m['ranks']})")
-        elif args.action == "ls":
-            rows = _check(client.get("/admin/v1/adapters", params={"tenant": args.tenant} if args.tenant else None))["data"]
-            print(f"{'ADAPTER':40} {'VERSION':>7} {'FAMILY':8} {'BYTES':>12} PUBLIC")
-            for m in rows:
-                print(f"{m['tenant'] + '/' + m['name']:40} {m['version']:>7} {m['family']:8} {m['bytes']:>12} {m['public']}")
-        elif args.action == "rm":
-            tenant, _, name = args.ref.partition("/")
-            if not name:
-                raise SystemExit("hotswap: name the adapter as TENANT/NAME")
-            body = _check(client.delete(f"/admin/v1/adapters/{tenant}/{name}"))
-            print(f"deleted {body['deleted']} ({body['versions']} versions)")
-    return 0
+        resp = client.post("/admin/v1/adapters", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)})
+        m = _check(resp, args, "tenant", "name", "version", "bytes", "ranks")
+        print(f"published {m['tenant']}/{m['name']} v{m['version']} ({m['bytes']} bytes, ranks {m['ranks']})")
+    elif args.action == "ls":
+        rows = _check(client.get("/admin/v1/adapters", params={"tenant": args.tenant} if args.tenant else None), args, "data")["data"]
+        print(f"{'ADAPTER':40} {'VERSION':>7} {'FAMILY':8} {'BYTES':>12} PUBLIC")
+        for m in rows:
+            print(f"{m['tenant'] + '/' + m['name']:40} {m['version']:>7} {m['family']:8} {m['bytes']:>12} {m['public']}")
+    elif args.action == "rm":
+        tenant, _, name = args.ref.partition("/")
+        if not tenant or not name:
+            raise CliError(f"name the adapter as TENANT/NAME (e.g. acme/support), not {args.ref!r}")
+        body = _check(client.delete(f"/admin/v1/adapters/{tenant}/{name}"), args, "deleted", "versions")
+        print(f"deleted {body['deleted']} ({body['versions']} versions)")

@@ -19,6 +19,30 @@ def _adapter_arg(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+S2FT_CONVERT_DESCRIPTION = ("Turn a full S2FT fine-tuned checkpoint into a compact S2FT adapter: the rows / columns of "
+                            "the linear weights that changed, as a diff against the base model.")
+
+
+def add_s2ft_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `hotswap convert s2ft` (server.families.s2ft_convert). Defined here, not there,
+    because that module imports torch and `hotswap --help` (or a typo) must answer at once."""
+    p.add_argument("--base", type=Path, required=True, metavar="DIR", help="base model checkpoint directory (safetensors)")
+    p.add_argument("--finetuned", type=Path, required=True, metavar="DIR", help="S2FT fine-tuned checkpoint directory (safetensors)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="adapter directory to write")
+    p.add_argument(
+        "--atol", type=float, default=0.0,
+        help="changes of at most ATOL count as unchanged, and the adapter need only reproduce the fine-tuned "
+        "weights within ATOL (default 0: bit-exact)",
+    )
+    p.add_argument(
+        "--delta-dtype", choices=["auto", "float16", "bfloat16", "float32", "float64"], default="auto",
+        help="dtype of the stored deltas; auto: the checkpoint's, widened per module to float32/float64 only where "
+        "needed to meet --atol (default: auto)",
+    )
+    p.add_argument("--base-model-name", default=None, help="base_model_name_or_path to record (default: --base as given)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotswap", description="Multi-tenant LLM server: one base model, many adapters in every batch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_commands(sub)
 
-    convert = sub.add_parser("convert", help="make a compact adapter from a fine-tuned checkpoint", add_help=False)
-    convert.add_argument("convert_args", nargs=argparse.REMAINDER, help="s2ft --base DIR --finetuned DIR --out DIR [--atol X]")
+    convert = sub.add_parser("convert", help="make a compact adapter from a fine-tuned checkpoint",
+                             description="Make a compact adapter from a fine-tuned checkpoint.")
+    kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
+    add_s2ft_convert_arguments(kinds.add_parser("s2ft", help=S2FT_CONVERT_DESCRIPTION, description=S2FT_CONVERT_DESCRIPTION))
 
     fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
     fetch.set_defaults(command="fetch-model")

@@ -25,6 +25,7 @@ from tests.s3_server import SeaweedS3
 
 TENANTS = {"acme": ("support", "r8-all"), "globex": ("legal", "r4-qv")}  # tenant -> (adapter name, which test adapter)
 WITNESS_PROMPT = "The three primary colors are"
+MAX_ADAPTER_BYTES = 16 * 2**20  # the test adapters are under 10 MiB
 
 
 @dataclass
@@ -59,7 +60,8 @@ def hostile_server(model_dir: Path, adapter_dirs: dict[str, Path], workdir: Path
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         args = ["--store", f"s3://{s3.bucket}/hostile", "--s3-endpoint", s3.endpoint, "--cache-dir", str(workdir / "cache"),
-                "--kv-cache-tokens", "8192", "--max-lora-rank", "32", "--log-level", "warning", *extra_args]
+                "--kv-cache-tokens", "8192", "--max-lora-rank", "32", "--max-adapter-bytes", str(MAX_ADAPTER_BYTES),
+                "--log-level", "warning", *extra_args]
         env = {"HOTSWAP_ADMIN_KEY": admin_key, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                "AWS_REGION": "us-east-1"}
         log_path = workdir / "server.log"

@@ -80,6 +80,8 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     if exc.status_code == 413:  # Starlette's body limit cut a streamed body off: no point reading the rest
         limit = request.scope.get(UPLOAD_LIMIT_SCOPE_KEY) or request.scope.get(MAX_BODY_SIZE_SCOPE_KEY, 0)
         return error_response(too_large(limit, upload=UPLOAD_LIMIT_SCOPE_KEY in request.scope), close=True)
+    if isinstance(exc.__cause__, RecursionError):  # FastAPI's JSON parsing gave up on a deeply nested body
+        return error_response(APIError(400, "the body is not valid JSON: it is nested too deeply", code="invalid_json"))
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
 

@@ -423,26 +423,12 @@ def _verify(out_dir, base, ft, linear, dims, num_layers, deltas, atol, progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hotswap convert s2ft",
-        description="Turn a full S2FT fine-tuned checkpoint into a compact S2FT adapter: the rows / columns of "
-        "the linear weights that changed, as a diff against the base model.",
-    )
-    p.add_argument("--base", type=Path, required=True, metavar="DIR", help="base model checkpoint directory (safetensors)")
-    p.add_argument("--finetuned", type=Path, required=True, metavar="DIR", help="S2FT fine-tuned checkpoint directory (safetensors)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="adapter directory to write")
-    p.add_argument(
-        "--atol", type=float, default=0.0,
-        help="changes of at most ATOL count as unchanged, and the adapter need only reproduce the fine-tuned "
-        "weights within ATOL (default 0: bit-exact)",
-    )
-    p.add_argument(
-        "--delta-dtype", choices=["auto", *_FLOAT_DTYPES], default="auto",
-        help="dtype of the stored deltas; auto: the checkpoint's, widened per module to float32/float64 only where "
-        "needed to meet --atol (default: auto)",
-    )
-    p.add_argument("--base-model-name", default=None, help="base_model_name_or_path to record (default: --base as given)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """The converter's own parser (`python -m server.families.s2ft_convert`); the options are those of
+    `hotswap convert s2ft`, defined once in the torch-free server.cli."""
+    from server.cli import S2FT_CONVERT_DESCRIPTION, add_s2ft_convert_arguments
+
+    p = argparse.ArgumentParser(prog="hotswap convert s2ft", description=S2FT_CONVERT_DESCRIPTION)
+    add_s2ft_convert_arguments(p)
     return p
 
 
@@ -453,6 +439,12 @@ def main_convert(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
+    return run_convert(args)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert as parsed by `add_s2ft_convert_arguments`: 0 on success, 1 (one line on stderr) when the
+    checkpoints cannot be converted."""
     try:
         report = convert_s2ft(
             args.base, args.finetuned, args.out, atol=args.atol,
