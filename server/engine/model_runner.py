@@ -119,9 +119,12 @@ class ModelRunner:
         sampled: list[int | None] = [None] * len(scheduled)
         failures: dict[int, str] = {}
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in sample_rows])])
+            last_hidden = hidden[torch.tensor([r for _, r in sample_rows])]
+            # finite hidden states give finite logits (base weights are finite, the state is normalised)
+            finite = torch.isfinite(last_hidden).all(dim=-1).tolist()
+            logits = self.model.compute_logits(last_hidden)
             seqs = [scheduled[i].seq for i, _ in sample_rows]
-            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs], finite)
             for row, ((i, _), tok) in enumerate(zip(sample_rows, tokens)):
                 if row in failed_rows:
                     failures[i] = failed_rows[row]

@@ -17,10 +17,16 @@ NON_FINITE = "the model's output for this request was not finite (NaN or infinit
 SAMPLING_FAILED = "sampling the next token failed for this request"
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> tuple[list[int], dict[int, str]]:
-    """logits: (B, V) float32 -> (one token id per row, {row: why it failed} for rows that failed)."""
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], finite: list[bool] | None = None,
+) -> tuple[list[int], dict[int, str]]:
+    """logits: (B, V) float32 -> (one token id per row, {row: why it failed} for rows that failed).
+
+    `finite` says which rows are finite when the caller knows it more cheaply than from the (B, V)
+    logits (the model runner checks the (B, hidden) states they come from: ~100x fewer numbers)."""
     tokens = logits.argmax(dim=-1).tolist()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if finite is None:
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # NaN or ±inf anywhere in a row makes its sum so
     failed = {i: NON_FINITE for i, ok in enumerate(finite) if not ok}
     for i, p in enumerate(params):
         if p.greedy or i in failed:
