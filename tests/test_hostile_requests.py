@@ -349,3 +349,62 @@ def test_a_draining_server_says_so_on_health(tight_server):
         assert r.status_code == 503 and r.json()["status"] == "draining"
     finally:
         tight_server.app.state.draining = False
+
+
+def test_two_hundred_concurrent_requests_with_hang_ups_are_all_answered(watched):
+    import asyncio
+
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        body = {**BASE, "prompt": f"Request number {i} says", "max_tokens": 3, "stream": i % 2 == 0}
+        try:
+            # every third client hangs up early; the server must abort those and answer the rest
+            r = await client.post("/v1/completions", json=body, timeout=0.3 if i % 3 == 0 else 120)
+        except httpx.TimeoutException:
+            return "hung up"
+        return str(r.status_code)
+
+    async def run() -> list[str]:
+        headers = {"Authorization": f"Bearer {watched.keys['acme']}"}
+        async with httpx.AsyncClient(base_url=watched.url, headers=headers, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(200)))
+
+    outcomes = asyncio.run(run())
+    assert set(outcomes) <= {"200", "hung up"}, sorted(set(outcomes))
+    assert outcomes.count("200") >= 200 - 67
+    metrics = httpx.get(watched.url + "/metrics").text
+    deadline = time.time() + 30  # aborted sequences give their KV blocks back within a few steps
+    while "hotswap_kv_cache_blocks_used 0.0" not in metrics:
+        assert time.time() < deadline, "KV blocks of finished and aborted requests were not all freed"
+        time.sleep(0.5)
+        metrics = httpx.get(watched.url + "/metrics").text
+
+
+def test_sigterm_lets_open_requests_finish(model_dir, tmp_path):
+    """Its own server process: on SIGTERM the stream in flight completes, then the process exits."""
+    import signal
+    import threading
+
+    from loadtests.servers import ServerProcess, free_port, hotswap_cmd
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = hotswap_cmd(port, model_dir, ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--kv-cache-tokens", "2048"])
+    with ServerProcess("hotswap", cmd, url, tmp_path / "server.log", ready_path="/health", start_timeout=180) as proc:
+        lines: list[str] = []
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": "Count to fifty:", "max_tokens": 40, "stream": True, "ignore_eos": True}
+
+        def stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while len(lines) < 3:
+            time.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=120)
+        # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's
+        assert proc.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert lines[-1] == "data: [DONE]"
+    finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-1]]
+    assert finish[-1] == "length" and len(finish) >= 40
