@@ -18,7 +18,7 @@ from server.console import CliError
 CHUNK = 256 * 1024
 
 
-def add_admin_commands(sub) -> None:
+def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     def common(p):
         p.add_argument("--url", default=os.environ.get("HOTSWAP_URL", "http://127.0.0.1:8000"), help="server address (env HOTSWAP_URL)")
         p.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"), help="admin key (env HOTSWAP_ADMIN_KEY)")
@@ -48,7 +48,7 @@ def add_admin_commands(sub) -> None:
         common(p)
 
 
-def _client(args) -> httpx.Client:
+def _client(args: argparse.Namespace) -> httpx.Client:
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
     # A dead address should fail fast; an upload or a cold listing may take long.
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0))
@@ -61,7 +61,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check(resp: httpx.Response, args, *fields: str) -> dict:
+def _check(resp: httpx.Response, args: argparse.Namespace, *fields: str) -> dict:
     """The JSON object a successful call answered, holding `fields`; CliError for anything else."""
     if resp.status_code == 401:
         if args.admin_key:

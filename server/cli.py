@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from server.admin_client import add_admin_commands, run_admin_command
 from server.api.limits import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES, RequestLimits
+from server.console import CliError, setup_logging
+
+log = logging.getLogger("hotswap")
 
 
 def _adapter_arg(value: str) -> tuple[str, Path]:
@@ -85,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="make a compact adapter from a fine-tuned checkpoint",
                              description="Make a compact adapter from a fine-tuned checkpoint.")
     kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
-    add_s2ft_convert_arguments(kinds.add_parser("s2ft", help=S2FT_CONVERT_DESCRIPTION, description=S2FT_CONVERT_DESCRIPTION))
+    add_s2ft_convert_arguments(kinds.add_parser("s2ft", help="an S2FT adapter from a full S2FT fine-tuned checkpoint",
+                                                 description=S2FT_CONVERT_DESCRIPTION))
 
     fetch = sub.add_parser("fetch-model", help="download and convert the embedded default model into the cache")
     fetch.set_defaults(command="fetch-model")
@@ -93,24 +99,121 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `hotswap` command; returns its exit status. A user-caused error ends it the way argparse's
+    usage errors do: one line on stderr, `hotswap: error: <what went wrong and what to do>`, exit 1
+    (SystemExit). Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "fetch-model":
-        from server.models.embedded import ensure_embedded_model
+    setup_logging(getattr(args, "log_level", "info"))
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads; uvicorn handles it once serving
+        return 130
+    except (CliError, OSError) as e:  # the admin client turns httpx's errors into CliErrors
+        _exit_with(e)
+    except ValueError as e:
+        # The engine validates the checkpoint and the adapters as it loads them (AdapterError and the
+        # loader's errors are ValueErrors); elsewhere a ValueError is a bug.
+        if args.command != "serve":
+            raise
+        _exit_with(e)
 
-        print(ensure_embedded_model())
+
+def _exit_with(error: Exception) -> NoReturn:
+    log.debug("the error below came from here", exc_info=error)  # --log-level debug
+    # Our own messages are written as one line; a library's may span several.
+    message = str(error) if isinstance(error, CliError) else " ".join(str(error).split()) or type(error).__name__
+    raise SystemExit(f"hotswap: error: {message}") from None
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "fetch-model":
+        print(_embedded_model_dir())
         return 0
     if args.command == "convert":
-        rest = args.convert_args
-        if not rest or rest[0] != "s2ft":
-            print("usage: hotswap convert s2ft --base DIR --finetuned DIR --out DIR [--atol X]", file=sys.stderr)
-            return 2
-        from server.families.s2ft_convert import main_convert
+        from server.families.s2ft_convert import run_convert  # imports torch: only now
 
-        return main_convert(rest[1:])
+        return run_convert(args)
     if args.command in ("adapters", "tenants"):
         return run_admin_command(args)
     return _serve(args)
+
+
+def _embedded_model_dir() -> Path:
+    """The embedded model's directory, fetched and converted on first use (CliError if it cannot be)."""
+    from server.models.embedded import ensure_embedded_model
+
+    try:
+        return ensure_embedded_model()
+    except RuntimeError as e:  # its message says how to fetch the weights by hand
+        raise CliError(str(e)) from e
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # as server.lora.peft reads them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _check_serve_inputs(args: argparse.Namespace) -> None:
+    """Refuse paths and a store that cannot work in a second, before the model loads for many
+    (CliError). The engine still validates the files' contents against the model as it loads them."""
+    from adapters_store import open_store
+    from adapters_store.errors import RegistryError
+
+    if args.model is not None:
+        _check_model_dir(args.model)
+    if args.adapters_dir is not None:
+        root = args.adapters_dir
+        if not root.is_dir():
+            state = "is not a directory" if root.exists() else "does not exist"
+            raise CliError(f"--adapters-dir {root} {state}: give a directory whose subdirectories are PEFT adapter directories")
+        found = [sub for sub in sorted(root.iterdir()) if (sub / ADAPTER_CONFIG).is_file()]
+        if not found:
+            log.warning("--adapters-dir %s holds no adapter (no subdirectory with %s): serving none from it", root, ADAPTER_CONFIG)
+        for sub in found:
+            _check_adapter_dir(sub, f"--adapters-dir adapter {sub.name} ({sub})")
+    for name, path in args.adapter:
+        _check_adapter_dir(path, f"--adapter {name}={path}")
+    try:
+        open_store(args.store, s3_endpoint=args.s3_endpoint)  # no network; a local store makes its directory
+    except RegistryError as e:  # a bad URL, a directory that cannot be created
+        raise CliError(f"--store {args.store}: {e}") from e
+
+
+def _check_adapter_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise CliError(f"{what}: {state}; an adapter is a directory holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise CliError(f"{what}: no {ADAPTER_CONFIG} in it: is it a PEFT adapter directory (as written by save_pretrained)?")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        if (path / "adapter_model.bin").exists():
+            # Unpickling runs arbitrary code: the server reads safetensors only.
+            raise CliError(f"{what}: holds a pickled adapter_model.bin, which is never loaded: convert it to safetensors "
+                           "(e.g. save_pretrained(..., safe_serialization=True))")
+        raise CliError(f"{what}: no {ADAPTER_WEIGHTS} in it")
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CliError(f"{what}: {ADAPTER_CONFIG} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CliError(f"{what}: {ADAPTER_CONFIG} must hold a JSON object")
+
+
+def _check_model_dir(path: Path) -> None:
+    from server.models.config import ModelConfig  # json only, no torch
+
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise CliError(f"--model {path} {state}: give a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    try:
+        ModelConfig.from_dir(path)  # FileNotFoundError (an OSError) without config.json
+    except KeyError as e:
+        raise CliError(f"--model {path}: config.json lacks {e}: is it a Llama-family checkpoint?") from e
+    except ValueError as e:  # bad JSON, unsupported model_type
+        raise CliError(f"--model {path}: config.json: {e}") from e
+    if not any(path.glob("*.safetensors")):
+        raise CliError(f"--model {path} holds no *.safetensors weights (pickled .bin checkpoints are never loaded: convert them to safetensors)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CliError(f"--model {path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])})")
 
 
 def _serve(args) -> int:
@@ -121,8 +224,11 @@ def _serve(args) -> int:
         loopback = False
     if not loopback and not args.admin_key:
         # An open server (no key) must not be reachable from the network.
-        print(f"hotswap: refusing to bind {host_ip} without an admin key: set --admin-key or HOTSWAP_ADMIN_KEY, or listen on 127.0.0.1", file=sys.stderr)
+        print(f"hotswap: error: refusing to bind {host_ip} without an admin key: set --admin-key or HOTSWAP_ADMIN_KEY, or listen on 127.0.0.1", file=sys.stderr)
         return 2
+    _check_serve_inputs(args)
+    if args.model is None:
+        _embedded_model_dir()  # fetch it now, so that a failure is one clear line (the engine reuses it)
 
     import uvicorn
 
