@@ -121,9 +121,9 @@ class AdapterService:
         if cached is None:
             try:
                 w = weights.user_weights(state)
-            except AdapterError as e:
+                cached = await asyncio.to_thread(weights.materialize, key, w, self.dtype)
+            except AdapterError as e:  # the user's state does not fit this adapter (length, overflow)
                 raise APIError(400, str(e), param="user") from None
-            cached = await asyncio.to_thread(weights.materialize, key, w, self.dtype)
             self.host.put(key, cached)
         return key, cached
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from server.lora.config_schema import FamilyTag
 from server.lora.peft import CONFIG_FILE, AdapterError, parse_adapter_config, parse_peft_lora
 from server.models.config import ModelConfig
 
@@ -12,12 +13,12 @@ FAMILIES = ("lora", "s2ft", "reclora", "moe-lora")
 def detect_family(files: dict[str, bytes], name: str) -> str:
     if CONFIG_FILE not in files:
         raise AdapterError(f"{name}: {CONFIG_FILE} is missing")
-    cfg = parse_adapter_config(files[CONFIG_FILE], name)
-    family = cfg.get("hotswap_family")
+    tag = parse_adapter_config(files[CONFIG_FILE], name, FamilyTag)
+    family = tag.hotswap_family
     if family is None:
-        family = {"LORA": "lora", "S2FT": "s2ft", "RECLORA": "reclora", "MIXLORA": "moe-lora"}.get(cfg.get("peft_type", "LORA"))
+        family = {"LORA": "lora", "S2FT": "s2ft", "RECLORA": "reclora", "MIXLORA": "moe-lora"}.get(tag.peft_type)
     if family not in FAMILIES:
-        raise AdapterError(f"{name}: adapter type {cfg.get('peft_type')!r} is not supported (supported families: {', '.join(FAMILIES)})")
+        raise AdapterError(f"{name}: adapter type {tag.peft_type!r} is not supported (supported families: {', '.join(FAMILIES)})")
     return family
 
 

@@ -23,17 +23,17 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 
-from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, AdapterError, module_dims, parse_adapter_config
+from server.lora.config_schema import MixLoraConfig, brief
+from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, AdapterError, cast_weight, load_tensors, module_dims, parse_adapter_config
 from server.models.config import ModelConfig
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.experts\.(\d+)\.lora_([AB])\.weight$")
-_ATTN = re.compile(r"^mixlora\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])\.weight$")
-_ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
+# [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
+_EXPERT = re.compile(r"^mixlora\.layers\.([0-9]{1,9})\.mlp\.(gate_proj|up_proj|down_proj)\.experts\.([0-9]{1,9})\.lora_([AB])\.weight$")
+_ATTN = re.compile(r"^mixlora\.layers\.([0-9]{1,9})\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])\.weight$")
+_ROUTER = re.compile(r"^mixlora\.layers\.([0-9]{1,9})\.mlp\.moe_gate\.weight$")
 
 
 @dataclass(slots=True)
@@ -94,54 +94,58 @@ class MoELoraWeights:
 def parse_mixlora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int) -> MoELoraWeights:
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise AdapterError(f"{name}: a MixLoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = parse_adapter_config(files[CONFIG_FILE], name)
-    try:
-        num_experts, top_k, r = int(cfg["num_experts"]), int(cfg.get("top_k", 2)), int(cfg["r"])
-        alpha = float(cfg.get("lora_alpha", r))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{name}: {CONFIG_FILE} needs integer `num_experts` and `r`") from None
-    routing = cfg.get("routing", "top_k")
-    if routing not in ("top_k", "sigmoid") or not (1 <= top_k <= num_experts) or cfg.get("act_fn", "silu") != "silu":
-        raise AdapterError(f"{name}: need routing top_k|sigmoid, 1 <= top_k <= num_experts, act_fn silu")
-    if not (0 < r <= max_rank):
-        raise AdapterError(f"{name}: rank {r} must lie in 1..--max-lora-rank {max_rank}")
-    try:
-        tensors = safetensors_load(files[WEIGHTS_FILE])
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
-    out = MoELoraWeights(name, num_experts, top_k, routing, r, 0, alpha, bool(cfg.get("use_rslora")))
+    cfg = parse_adapter_config(files[CONFIG_FILE], name, MixLoraConfig, max_rank)
+    num_experts, r = cfg.num_experts, cfg.r
+    if cfg.top_k > num_experts:
+        raise AdapterError(f"{name}: top_k {cfg.top_k} must lie in 1..num_experts ({num_experts})")
+    tensors = load_tensors(files[WEIGHTS_FILE], name)
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(r)
+    out = MoELoraWeights(name, num_experts, cfg.top_k, cfg.routing, r, 0, alpha, bool(cfg.use_rslora))
     pairs: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if m := _ROUTER.match(key):
             layer = int(m.group(1))
-            if t.shape != (num_experts, model_cfg.hidden_size):
-                raise AdapterError(f"{name}: {key} must be ({num_experts}, {model_cfg.hidden_size}), got {tuple(t.shape)}")
-            out.routers[layer] = t.to(dtype)
-        elif m := _EXPERT.match(key):
-            pairs.setdefault(("mlp", int(m.group(1)), m.group(2), int(m.group(3))), {})[m.group(4)] = t
+            if layer >= model_cfg.num_layers:
+                raise AdapterError(f"{name}: {key} addresses layer {layer} but the base model has {model_cfg.num_layers}")
+            if layer in out.routers:
+                raise AdapterError(f"{name}: two tensors hold the moe_gate router of layer {layer} (the second is {key})")
+            if t.shape != (num_experts, model_cfg.hidden_size) or not t.is_floating_point():
+                raise AdapterError(f"{name}: {key} must be floating point ({num_experts}, {model_cfg.hidden_size}), got {t.dtype} {tuple(t.shape)}")
+            out.routers[layer] = cast_weight(t, dtype, f"{name}: {key}")
+            continue
+        if m := _EXPERT.match(key):
+            slot, which = ("mlp", int(m.group(1)), m.group(2), int(m.group(3))), m.group(4)
         elif m := _ATTN.match(key):
-            pairs.setdefault(("attn", int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+            slot, which = ("attn", int(m.group(1)), m.group(2)), m.group(3)
         else:
-            raise AdapterError(f"{name}: unexpected tensor {key!r} in a MixLoRA adapter")
+            raise AdapterError(f"{name}: unexpected tensor {brief(key)} in a MixLoRA adapter")
+        pair = pairs.setdefault(slot, {})
+        if which in pair:  # "layers.1" and "layers.01" both name layer 1: which one would be served?
+            raise AdapterError(f"{name}: two tensors hold the same lora_{which}: the second is {key}")
+        pair[which] = t
     for key, ab in sorted(pairs.items()):
         layer, module = key[1], key[2]
+        what = f"{name}: layer {layer} {module}" + (f" expert {key[3]}" if key[0] == "mlp" else "")
         if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{name}: {key} lacks its lora_A/lora_B pair")
+            raise AdapterError(f"{what} lacks its lora_A/lora_B pair")
         if layer >= model_cfg.num_layers:
             raise AdapterError(f"{name}: layer {layer} is beyond the base model's {model_cfg.num_layers}")
         d_in, d_out = module_dims(model_cfg, module)
         a, b = ab["A"], ab["B"]
-        rk = a.shape[0]
-        if a.shape != (rk, d_in) or b.shape != (d_out, rk) or rk > max_rank:
-            raise AdapterError(f"{name}: {key} has A {tuple(a.shape)}, B {tuple(b.shape)}; need A (r, {d_in}), B ({d_out}, r), r <= {max_rank}")
+        rk = a.shape[0] if a.dim() == 2 else 0
+        if a.shape != (rk, d_in) or b.shape != (d_out, rk) or not 1 <= rk <= max_rank or not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(
+                f"{what} has A {a.dtype} {tuple(a.shape)}, B {b.dtype} {tuple(b.shape)}; "
+                f"need floating point A (r, {d_in}), B ({d_out}, r), 1 <= r <= {max_rank}"
+            )
         if key[0] == "mlp":
             if key[3] >= num_experts or rk != r:
                 raise AdapterError(f"{name}: expert {key[3]} of layer {layer} {module} must have rank {r} and index < {num_experts}")
-            if layer not in out.routers and layer not in {int(m.group(1)) for k in tensors if (m := _ROUTER.match(k))}:
+            if layer not in out.routers:
                 raise AdapterError(f"{name}: layer {layer} has experts but no moe_gate router")
-            out.experts[(layer, module, key[3])] = (a.to(dtype), b.to(dtype))
+            out.experts[(layer, module, key[3])] = (cast_weight(a, dtype, f"{what} lora_A"), cast_weight(b, dtype, f"{what} lora_B", out.scale(rk)))
         else:
-            out.attn[(layer, module)] = (a.to(dtype), b.to(dtype))
+            out.attn[(layer, module)] = (cast_weight(a, dtype, f"{what} lora_A"), cast_weight(b, dtype, f"{what} lora_B", out.scale(rk)))
             out.attn_rank = max(out.attn_rank, rk)
     if not out.experts:
         raise AdapterError(f"{name}: no expert weights")

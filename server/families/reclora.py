@@ -19,13 +19,18 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 
-from server.lora.peft import CONFIG_FILE, SUPPORTED_MODULES, WEIGHTS_FILE, AdapterError, LoraWeights, module_dims, parse_adapter_config
+from server.lora.config_schema import RecLoraConfig, brief
+from server.lora.peft import (
+    CONFIG_FILE, SUPPORTED_MODULES, WEIGHTS_FILE, AdapterError, LoraWeights, cast_weight, load_tensors, module_dims,
+    parse_adapter_config, peak_abs,
+)
 from server.models.config import ModelConfig
 
-_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.reclora_([AB])$")
+# [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
+_KEY = re.compile(r"^model\.layers\.([0-9]{1,9})\.(self_attn|mlp)\.(\w+)\.reclora_([AB])$")
+# A user's mixture must stay finite in float32, where it is computed; half of the range leaves room for rounding.
+_MIX_LIMIT = torch.finfo(torch.float32).max / 2
 _GATE = ("reclora_gate.0.weight", "reclora_gate.0.bias", "reclora_gate.2.weight", "reclora_gate.2.bias")
 
 
@@ -38,6 +43,9 @@ class RecLoraBank:
     temperature: float
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (K,r,d_in), (K,d_out,r)
     gate: tuple[torch.Tensor, ...] | None = None
+    # the largest |entry| of any A_k, or of any B_k times max(1, |scale|): Σ_k |w_k| times it bounds
+    # every entry of a user's materialised A_u and s·B_u
+    peak: float = 0.0
     family = "reclora"
 
     @property
@@ -45,23 +53,37 @@ class RecLoraBank:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
     def user_weights(self, state: dict | None) -> torch.Tensor:
-        """Mixing weights (K,) for a user's stored state; uniform for an unknown user."""
+        """Mixing weights (K,) for a user's stored state ({"weights": [K numbers]} or {"vector": [U numbers]});
+        uniform for an unknown user. AdapterError if the state does not fit this adapter."""
         k = self.num_meta
         if state is None:
             return torch.full((k,), 1.0 / k)
         if "weights" in state:
-            w = torch.tensor(state["weights"], dtype=torch.float32)
-            if w.shape != (k,):
-                raise AdapterError(f"{self.name}: user weights need {k} values, got {w.numel()}")
-            return w
-        if self.gate is None:
-            raise AdapterError(f"{self.name}: this adapter has no gate, so users need stored weights, not a vector")
-        u = torch.tensor(state["vector"], dtype=torch.float32)
-        w1, b1, w2, b2 = self.gate
-        if u.shape != (w1.shape[1],):
-            raise AdapterError(f"{self.name}: the user vector needs {w1.shape[1]} values, got {u.numel()}")
-        logits = torch.relu(u @ w1.T + b1) @ w2.T + b2
-        return torch.softmax(logits / self.temperature, dim=-1)
+            w = self._numbers(state["weights"], k, "user weights (one per meta-LoRA)")
+        else:
+            if self.gate is None:
+                raise AdapterError(f"{self.name}: this adapter has no gate, so users need stored weights, not a vector")
+            w1, b1, w2, b2 = self.gate
+            u = self._numbers(state.get("vector"), w1.shape[1], "the user vector")
+            logits = torch.relu(u @ w1.T + b1) @ w2.T + b2
+            w = torch.softmax(logits / self.temperature, dim=-1)
+            if not bool(torch.isfinite(w).all()):
+                raise AdapterError(f"{self.name}: the gate overflows on this user vector (its weights are not finite): scale the vector down")
+        if float(w.abs().sum()) * self.peak > _MIX_LIMIT:
+            raise AdapterError(f"{self.name}: user weights this large make the user's adapter overflow float32: keep sum(|w|) below {_MIX_LIMIT / self.peak:.3g}")
+        return w
+
+    def _numbers(self, values: object, n: int, what: str) -> torch.Tensor:
+        """`values` as a float32 tensor: a list of n finite numbers (bools are not numbers), finite in float32 too."""
+        if not isinstance(values, list) or len(values) != n or not all(type(v) in (int, float) for v in values):
+            raise AdapterError(f"{self.name}: {what} must be a list of {n} numbers, got {brief(values)}")
+        try:
+            t = torch.tensor(values, dtype=torch.float32)
+        except OverflowError:  # an integer beyond any float
+            t = torch.tensor([float("inf")])
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{self.name}: {what} must be finite numbers within float32's range, got {brief(values)}")
+        return t
 
     def materialize(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> LoraWeights:
         """The user's adapter as an ordinary LoRA: A_u = Σ w_k A_k, B_u = Σ w_k B_k."""
@@ -69,37 +91,33 @@ class RecLoraBank:
         for key, (a, b) in self.modules.items():
             a_u = torch.einsum("k,kri->ri", w, a.float())
             b_u = torch.einsum("k,kor->or", w, b.float())
-            out.modules[key] = (a_u.to(dtype), b_u.to(dtype), self.scale)
+            what = f"{name}: layer {key[0]} {key[1]}"
+            out.modules[key] = (cast_weight(a_u, dtype, f"{what} A"), cast_weight(b_u, dtype, f"{what} B", self.scale), self.scale)
         return out
 
 
 def parse_reclora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, max_rank: int) -> RecLoraBank:
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise AdapterError(f"{name}: a RecLoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = parse_adapter_config(files[CONFIG_FILE], name)
-    try:
-        r, k = int(cfg["r"]), int(cfg["num_meta_loras"])
-        alpha, temperature = float(cfg.get("lora_alpha", r)), float(cfg.get("gate_temperature", 1.0))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{name}: {CONFIG_FILE} needs integer `r` and `num_meta_loras`") from None
-    if not (0 < r <= max_rank) or k < 1 or temperature <= 0:
-        raise AdapterError(f"{name}: need 0 < r <= --max-lora-rank {max_rank}, num_meta_loras >= 1, gate_temperature > 0")
-    try:
-        tensors = safetensors_load(files[WEIGHTS_FILE])
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
-    bank = RecLoraBank(name, r, k, alpha / r, temperature)
+    cfg = parse_adapter_config(files[CONFIG_FILE], name, RecLoraConfig, max_rank)
+    r, k = cfg.r, cfg.num_meta_loras
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(r)
+    tensors = load_tensors(files[WEIGHTS_FILE], name)
+    bank = RecLoraBank(name, r, k, alpha / r, cfg.gate_temperature)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key in _GATE:
             continue
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"{name}: unexpected tensor {key!r}")
-        layer, module = int(m.group(1)), m.group(3)
+            raise AdapterError(f"{name}: unexpected tensor {brief(key)}")
+        layer, module, which = int(m.group(1)), m.group(3), m.group(4)
         if module not in SUPPORTED_MODULES or layer >= model_cfg.num_layers:
             raise AdapterError(f"{name}: {key} names no module of the base model")
-        pairs.setdefault((layer, module), {})[m.group(4)] = t
+        pair = pairs.setdefault((layer, module), {})
+        if which in pair:  # "layers.1" and "layers.01" both name layer 1: which one would be served?
+            raise AdapterError(f"{name}: two tensors hold layer {layer} {module} reclora_{which} (the second is {key})")
+        pair[which] = t
     if not pairs:
         raise AdapterError(f"{name}: no meta-LoRA weights")
     for (layer, module), ab in sorted(pairs.items()):
@@ -108,13 +126,21 @@ def parse_reclora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, ma
         d_in, d_out = module_dims(model_cfg, module)
         a, b = ab["A"], ab["B"]
         if a.shape != (k, r, d_in) or b.shape != (k, d_out, r) or not a.is_floating_point() or not b.is_floating_point():
-            raise AdapterError(f"{name}: layer {layer} {module} needs reclora_A ({k}, {r}, {d_in}) and reclora_B ({k}, {d_out}, {r}), got {tuple(a.shape)} and {tuple(b.shape)}")
-        bank.modules[(layer, module)] = (a.float(), b.float())
+            raise AdapterError(
+                f"{name}: layer {layer} {module} needs floating point reclora_A ({k}, {r}, {d_in}) and reclora_B ({k}, {d_out}, {r}), "
+                f"got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}"
+            )
+        what = f"{name}: layer {layer} {module}"
+        a, b = cast_weight(a, torch.float32, f"{what} reclora_A"), cast_weight(b, torch.float32, f"{what} reclora_B", bank.scale)
+        bank.modules[(layer, module)] = (a, b)
+        bank.peak = max(bank.peak, peak_abs(a), peak_abs(b) * max(1.0, abs(bank.scale)))
     present = [g for g in _GATE if g in tensors]
     if present:
         if len(present) != 4:
             raise AdapterError(f"{name}: the gate needs all of {', '.join(_GATE)}")
-        w1, b1, w2, b2 = (tensors[g].float() for g in _GATE)
+        if not all(tensors[g].is_floating_point() for g in _GATE):
+            raise AdapterError(f"{name}: the gate's tensors must be floating point, got {', '.join(str(tensors[g].dtype) for g in _GATE)}")
+        w1, b1, w2, b2 = (cast_weight(tensors[g], torch.float32, f"{name}: {g}") for g in _GATE)
         if w1.dim() != 2 or b1.shape != (w1.shape[0],) or w2.shape != (k, w1.shape[0]) or b2.shape != (k,):
             raise AdapterError(f"{name}: gate shapes do not chain: {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)}")
         bank.gate = (w1, b1, w2, b2)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.families.s2ft_format import S2FTModuleDelta, parse_s2ft_files
-from server.lora.peft import module_dims
+from server.lora.peft import cast_weight, module_dims
 from server.models.config import ModelConfig
 
 
@@ -38,4 +38,7 @@ class S2FTWeights:
 
 def parse_s2ft(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype) -> S2FTWeights:
     deltas = parse_s2ft_files(files, name, lambda module: module_dims(model_cfg, module), model_cfg.num_layers)
-    return S2FTWeights(name, {key: S2FTModuleDelta(d.kind, d.indices, d.delta.to(dtype)) for key, d in deltas.items()})
+    return S2FTWeights(name, {
+        (layer, module): S2FTModuleDelta(d.kind, d.indices, cast_weight(d.delta, dtype, f"{name}: layer {layer} {module} s2_{d.kind}_delta"))
+        for (layer, module), d in deltas.items()
+    })

@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from server.lora.peft import AdapterError, parse_adapter_config
+from server.lora.config_schema import S2FTConfig, brief
+from server.lora.peft import AdapterError, load_tensors, parse_adapter_config
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPE, FAMILY, FORMAT_VERSION = "S2FT", "s2ft", 1
@@ -47,8 +46,8 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 S2FT_MODULES = ATTN_MODULES + MLP_MODULES
 
-# layer numbers without leading zeros, so one module cannot be spelled twice
-_KEY = re.compile(r"^model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.(\w+)\.s2_(row|col)_(indices|delta)$")
+# layer numbers without leading zeros, so one module cannot be spelled twice, and short enough for int()
+_KEY = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.(self_attn|mlp)\.(\w+)\.s2_(row|col)_(indices|delta)$")
 
 
 @dataclass(slots=True)
@@ -134,21 +133,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def parse_s2ft_config(raw: bytes, name: str) -> dict:
-    cfg = parse_adapter_config(raw, name)
-    if cfg.get("peft_type") != PEFT_TYPE:
-        raise AdapterError(f"{name}: peft_type {cfg.get('peft_type')!r} is not an S2FT adapter (expected {PEFT_TYPE!r})")
-    if cfg.get("hotswap_family") != FAMILY:
-        raise AdapterError(f"{name}: hotswap_family {cfg.get('hotswap_family')!r} is not {FAMILY!r}")
-    version = cfg.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise AdapterError(f"{name}: S2FT format_version {version!r} is not supported (this server reads version {FORMAT_VERSION})")
-    targets = cfg.get("target_modules")
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterError(f"{name}: target_modules must be a list of module names")
-    base = cfg.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise AdapterError(f"{name}: base_model_name_or_path must be a string")
+def parse_s2ft_config(raw: bytes, name: str) -> S2FTConfig:
+    cfg = parse_adapter_config(raw, name, S2FTConfig)
+    if cfg.peft_type != PEFT_TYPE:
+        raise AdapterError(f"{name}: peft_type {cfg.peft_type!r} is not an S2FT adapter (expected {PEFT_TYPE!r})")
+    if cfg.hotswap_family != FAMILY:
+        raise AdapterError(f"{name}: hotswap_family {cfg.hotswap_family!r} is not {FAMILY!r}")
+    if cfg.format_version != FORMAT_VERSION:
+        raise AdapterError(f"{name}: S2FT format_version {cfg.format_version!r} is not supported (this server reads version {FORMAT_VERSION})")
     return cfg
 
 
@@ -163,17 +155,14 @@ def parse_s2ft_files(
         missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
         raise AdapterError(f"{name}: an S2FT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE} ({', '.join(missing)} missing)")
     cfg = parse_s2ft_config(files[CONFIG_FILE], name)
-    try:
-        tensors = safetensors_load(files[WEIGHTS_FILE])
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+    tensors = load_tensors(files[WEIGHTS_FILE], name)
 
     parts: dict[tuple[int, str], dict[tuple[str, str], torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise AdapterError(
-                f"{name}: unexpected tensor {key!r} (expected model.layers.N.{{self_attn|mlp}}.MODULE."
+                f"{name}: unexpected tensor {brief(key)} (expected model.layers.N.{{self_attn|mlp}}.MODULE."
                 "s2_{row|col}_{indices|delta})"
             )
         layer, parent, module, kind, part = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
@@ -218,13 +207,11 @@ def parse_s2ft_files(
                 f"{what}: s2_{kind}_delta has shape {tuple(delta.shape)}; with k={k} indices the base model "
                 f"(d_out={d_out}, d_in={d_in}) needs {want}"
             )
-        if not bool(torch.isfinite(delta).all()):
-            raise AdapterError(f"{what}: s2_{kind}_delta holds non-finite values")
         out[(layer, module)] = S2FTModuleDelta(kind=kind, indices=idx.to(torch.int64), delta=delta)
 
-    declared, present = sorted(set(cfg["target_modules"])), sorted({module for _, module in out})
+    declared, present = sorted(set(cfg.target_modules)), sorted({module for _, module in out})
     if declared != present:
-        raise AdapterError(f"{name}: target_modules {cfg['target_modules']} does not match the modules with deltas {present}")
+        raise AdapterError(f"{name}: target_modules {brief(cfg.target_modules)} does not match the modules with deltas {present}")
     return out
 
 

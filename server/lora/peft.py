@@ -9,15 +9,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import re2
 import torch
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
+from server.lora.config_schema import LoraConfig, brief, explain
 from server.models.config import ModelConfig
 
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
+_KEY = re.compile(r"(?:^|\.)layers\.([0-9]{1,9})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
 class AdapterError(ValueError):
@@ -59,10 +66,36 @@ def module_dims(cfg: ModelConfig, module: str) -> tuple[int, int]:
     }[module]
 
 
-def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a pattern matches the module key or its suffix."""
-    for pattern, value in patterns.items():
-        if key == pattern or re.match(rf"(.*\.)?({pattern})$", key):
+# RE2 matches in linear time whatever the pattern. 64 KiB of program and DFA cache per pattern is
+# plenty for a module-name regex and bounds what one costs to compile (about a millisecond at most).
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = 64 << 10
+_RE2_OPTIONS.log_errors = False
+
+
+def compile_patterns(patterns: dict | None, name: str, field_name: str) -> list[tuple[str, object, object]]:
+    r"""(pattern, compiled, value) for a rank_pattern / alpha_pattern map, each compiled once, in order.
+
+    PEFT (peft.utils.other.get_pattern_key) matches `re.match(rf"(.*\.)?({pattern})$", key)`: the
+    pattern matches the module key or a dotted suffix of it. The same regex runs under RE2."""
+    out = []
+    for pattern, value in (patterns or {}).items():
+        try:
+            regex = re2.compile(rf"(.*\.)?({pattern})$", _RE2_OPTIONS)
+        except re2.error as e:
+            reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise AdapterError(
+                f"{name}: {field_name} key {brief(pattern)} must be an RE2 regex (hotswap matches module names "
+                f"in linear time: no backreferences or lookaround): {reason[:200]}"
+            ) from None
+        out.append((pattern, regex, value))
+    return out
+
+
+def _pattern_value(patterns: list[tuple[str, object, object]], key: str, default):
+    """The value of the first pattern matching the module key (PEFT's lookup), else the default."""
+    for pattern, regex, value in patterns:
+        if key == pattern or regex.match(key):
             return value
     return default
 
@@ -70,14 +103,56 @@ def _pattern_value(patterns: dict, key: str, default):
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
-def parse_adapter_config(raw: bytes, name: str) -> dict:
+def parse_adapter_config(raw: bytes, name: str, schema: type[Schema], max_rank: int | None = None) -> Schema:
+    """adapter_config.json checked against a family's schema (server.lora.config_schema); ranks above
+    `max_rank` are refused when it is given."""
     try:
         cfg = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise AdapterError(f"{name}: {CONFIG_FILE} is nested too deeply to be an adapter config") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of thousands of digits
         raise AdapterError(f"{name}: {CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{name}: {CONFIG_FILE} must hold a JSON object")
-    return cfg
+    try:
+        return schema.model_validate(cfg, context={"max_rank": max_rank})
+    except ValidationError as e:
+        raise AdapterError(f"{name}: {CONFIG_FILE}: {explain(e, schema, cfg)}") from None
+
+
+def load_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter_model.safetensors. Every family loads its weights through here, so
+    none ever serves a NaN or an infinity: floating point tensors must be finite, and of a dtype the
+    kernels take (no float8, complex or bool)."""
+    try:
+        tensors = safetensors_load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+    for key, t in tensors.items():
+        if (t.is_floating_point() and t.dtype not in _FLOAT_DTYPES) or t.is_complex() or t.dtype == torch.bool:
+            raise AdapterError(f"{name}: tensor {brief(key)} is {t.dtype}: adapter weights must be float16, bfloat16, float32 or float64 (S²FT indices int32)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{name}: tensor {brief(key)} holds NaN or infinite values (non-finite weights): fix the adapter and upload it again")
+    return tensors
+
+
+def peak_abs(t: torch.Tensor) -> float:
+    """max |t| (0 for an empty tensor), without an |t| copy of a large tensor."""
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t.detach())
+    return float(max(-lo, hi))
+
+
+def cast_weight(t: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> torch.Tensor:
+    """`t` in the serving dtype. Refused if it, or it times the scale the pools apply (in float32, as
+    `write_into` computes it), overflows that dtype: a float64 1e300 is finite but an infinity in float32."""
+    peak = peak_abs(t)
+    # a scale beyond float32 makes even zeros NaN there (0 * inf), so it is refused whatever the peak
+    if not math.isfinite(torch.tensor(peak, dtype=torch.float32).mul(max(1.0, abs(scale))).to(dtype).item()):
+        scaled = f" times the scale {scale:.3g}" if scale != 1 else ""
+        raise AdapterError(f"{what}: values up to {peak:.3g}{scaled} overflow {dtype}: rescale the weights" + (" or lora_alpha" if scaled else ""))
+    return t.to(dtype)
 
 
 def read_adapter_files(path: Path, name: str) -> dict[str, bytes]:
@@ -99,58 +174,59 @@ def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, 
     """Validate PEFT LoRA files against the base model and return its weights (A, B, scale per module)."""
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise AdapterError(f"{name}: a LoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = parse_adapter_config(files[CONFIG_FILE], name)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{name}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
-    if cfg.get("use_dora"):
+    cfg = parse_adapter_config(files[CONFIG_FILE], name, LoraConfig, max_rank)
+    if cfg.peft_type != "LORA":
+        raise AdapterError(f"{name}: peft_type {cfg.peft_type!r} is not a LoRA adapter")
+    if cfg.use_dora:
         raise AdapterError(f"{name}: DoRA adapters are not supported yet")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{name}: adapters that train biases (bias={cfg['bias']!r}) are not supported")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"{name}: modules_to_save {cfg['modules_to_save']} is not supported: only LoRA deltas are served")
-    try:
-        tensors = safetensors_load(files[WEIGHTS_FILE])
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+    if cfg.bias != "none":
+        raise AdapterError(f"{name}: adapters that train biases (bias={cfg.bias!r}) are not supported")
+    if cfg.modules_to_save:
+        raise AdapterError(f"{name}: modules_to_save {brief(cfg.modules_to_save)} is not supported: only LoRA deltas are served")
+    rank_pattern = compile_patterns(cfg.rank_pattern, name, "rank_pattern")
+    alpha_pattern = compile_patterns(cfg.alpha_pattern, name, "alpha_pattern")
+    tensors = load_tensors(files[WEIGHTS_FILE], name)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.search(key)
         if m is None:
-            raise AdapterError(f"{name}: unexpected tensor {key!r} (only LoRA A/B weights of decoder layers are served)")
+            raise AdapterError(f"{name}: unexpected tensor {brief(key)} (only LoRA A/B weights of decoder layers are served)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
         if module not in SUPPORTED_MODULES:
-            raise AdapterError(f"{name}: target module {module!r} is not supported (supported: {', '.join(SUPPORTED_MODULES)})")
+            raise AdapterError(f"{name}: target module {brief(module)} is not supported (supported: {', '.join(SUPPORTED_MODULES)})")
         if layer >= model_cfg.num_layers:
-            raise AdapterError(f"{name}: {key} addresses layer {layer} but the base model has {model_cfg.num_layers}")
-        pairs.setdefault((layer, module), {})[which] = tensor
+            raise AdapterError(f"{name}: {brief(key)} addresses layer {layer} but the base model has {model_cfg.num_layers}")
+        pair = pairs.setdefault((layer, module), {})
+        if which in pair:  # e.g. "layers.1" and "layers.01", or two prefixes: which one would be served?
+            raise AdapterError(f"{name}: two tensors hold layer {layer} {module} lora_{which} (the second is {brief(key)})")
+        pair[which] = tensor
     if not pairs:
         raise AdapterError(f"{name}: adapter_model.safetensors holds no LoRA weights")
 
-    default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     out = LoraWeights(name=name, rank=0)
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{name}: layer {layer} {module} has lora_{''.join(ab)} but not its pair")
         a, b = ab["A"], ab["B"]
         d_in, d_out = module_dims(model_cfg, module)
-        r = a.shape[0]
         if not (a.is_floating_point() and b.is_floating_point()):
-            raise AdapterError(f"{name}: layer {layer} {module} weights must be floating point")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape != (d_out, r):
+            raise AdapterError(f"{name}: layer {layer} {module} weights must be floating point, got {a.dtype} and {b.dtype}")
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape != (d_out, r) or r == 0:
             raise AdapterError(
                 f"{name}: layer {layer} {module} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                f"the base model needs A (r, {d_in}) and B ({d_out}, r)"
+                f"the base model needs A (r, {d_in}) and B ({d_out}, r) with r >= 1"
             )
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} exceeds --max-lora-rank {max_rank}")
         module_key = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
-        declared_r = _pattern_value(rank_pattern, module_key, default_r)
+        declared_r = _pattern_value(rank_pattern, module_key, cfg.r)
         if declared_r != r:
             raise AdapterError(f"{name}: layer {layer} {module} has rank {r} but the config declares {declared_r}")
-        alpha = _pattern_value(alpha_pattern, module_key, default_alpha)
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        out.modules[(layer, module)] = (a.to(dtype), b.to(dtype), float(scale))
+        alpha = _pattern_value(alpha_pattern, module_key, cfg.lora_alpha)
+        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        what = f"{name}: layer {layer} {module}"
+        out.modules[(layer, module)] = (cast_weight(a, dtype, f"{what} lora_A"), cast_weight(b, dtype, f"{what} lora_B", scale), float(scale))
         out.rank = max(out.rank, r)
     return out

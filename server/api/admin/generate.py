@@ -21,7 +21,7 @@ from pydantic import Field
 from adapters_store import AdapterNotFound, CorruptObject, InvalidName, validate_name
 from server.api.admin.routes import _admin, _manifest_json, _store
 from server.api.errors import APIError, unavailable
-from server.api.fields import StrictModel, Text
+from server.validation import StrictModel, Text
 from server.families.detect import module_units, parse_adapter
 from server.families.sglora import GenerationError, RankOverflow, is_generated, make_generator, provenance, select_experts
 from server.families.text_encoder import EncoderUnavailable, default_encoder

@@ -17,7 +17,7 @@ from adapters_store import (
 from server.adapters.service import device_key
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large, unavailable
-from server.api.fields import StrictModel, Text
+from server.validation import StrictModel, Text
 from server.families.detect import FAMILIES, module_units, parse_adapter
 from server.lora.peft import AdapterError
 

@@ -1,11 +1,11 @@
-"""Request and response shapes of the OpenAI API (the parts hotswap serves), validated strictly (server.api.fields)."""
+"""Request and response shapes of the OpenAI API (the parts hotswap serves), validated strictly (server.validation)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from server.api.fields import StrictModel, Text
+from server.validation import StrictModel, Text
 from server.engine.sequence import MIN_TEMPERATURE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

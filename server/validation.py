@@ -1,4 +1,4 @@
-"""Strict request models shared by the OpenAI and admin APIs.
+"""Strict validation shared by the API's request bodies and the adapter configs' schemas.
 
 Requests are validated at the edge as OpenAI's own API does: no type coercion (a string `max_tokens`
 is a 400), finite numbers only, and no text that is not valid Unicode (a lone surrogate such as
