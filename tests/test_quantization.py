@@ -167,9 +167,9 @@ def _next_token_logits(engine, ids: list[int], adapter: str | None) -> torch.Ten
     captured = []
     sample = model_runner.sample
 
-    def spy(logits, params, generators):
+    def spy(logits, *args):
         captured.append(logits[0].clone())
-        return sample(logits, params, generators)
+        return sample(logits, *args)
 
     model_runner.sample = spy
     try:
