@@ -1,6 +1,7 @@
 # hotswap developer entry points.  Everything runs inside $(VENV).
 #   make test         fast suite (also fetches the embedded model once)
 #   make test-slow    long suites
+#   make fuzz         API fuzzing (tests/test_fuzz_api.py), 500 cases per operation instead of make test's 40
 #   make serve ARGS="--port 8000"
 #   make bench ARGS="..."   hotswap vs vLLM CPU vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
 #   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
@@ -22,10 +23,11 @@ PIP    := $(PY) -m pip
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 ARGS ?=
 PYTEST_ARGS ?=
+FUZZ_EXAMPLES ?= 500
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: install model serve test test-slow bench bench-install bench-quant vllm soak clean
+.PHONY: install model serve test test-slow fuzz bench bench-install bench-quant vllm soak clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +57,11 @@ test: install model
 # pytest exits 5 when nothing is marked slow: that is not a failure
 test-slow: install model
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Schema-driven fuzzing of every HTTP operation against a hostile-configured server, far longer than
+# in `make test`; HOTSWAP_FUZZ_SEED=<n> explores other cases, as reproducibly.
+fuzz: install model
+	HOTSWAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_api.py -q $(PYTEST_ARGS)
 
 # The bench extra (matplotlib, peft) on top of the test install.
 bench-install: $(VENV)/.bench-installed

@@ -31,8 +31,8 @@ MAX_ADAPTER_BYTES = 16 * 2**20  # the test adapters are under 10 MiB
 @dataclass
 class HostileServer:
     url: str
-    admin_key: str
-    keys: dict[str, str]  # tenant -> API key
+    admin_key: str = field(repr=False)  # kept out of pytest's failure reports
+    keys: dict[str, str] = field(repr=False)  # tenant -> API key
     s3: SeaweedS3
     process: ServerProcess
     log_path: Path

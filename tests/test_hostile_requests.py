@@ -279,6 +279,9 @@ def test_strangers_learn_nothing_from_health_docs_or_errors(watched):
     assert detail["status"] == "ready" and detail["registry"] and detail["kernels"]
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(watched.url + path).status_code == 404
+    base_card = watched.tenant("acme").get("/v1/models").json()["data"][0]
+    assert base_card["root"] == base_card["id"]  # not the directory the weights live in
+    assert watched.admin().get("/v1/models").json()["data"][0]["root"].startswith("/")
 
 
 def test_a_store_outage_answers_tenants_503_without_naming_the_store(watched, adapter_dirs):

@@ -143,6 +143,9 @@ def test_bad_user_state_and_malformed_reclora_are_4xx(rec_server, model_dir):
     assert srv.http.put("/admin/v1/adapters/shop/recs/users/x", json={}).status_code == 400
     assert srv.http.put("/admin/v1/adapters/shop/plain/users/x", json={"weights": [1, 0, 0, 0]}).status_code == 400
     assert srv.http.put("/admin/v1/adapters/shop/nope/users/x", json={"weights": [1, 0, 0, 0]}).status_code == 404
+    # found by tests/test_fuzz_api.py: pinning a bank was a 500 (there is no one device copy of it)
+    r = srv.http.post("/admin/v1/adapters/shop/recs/pin")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_pinnable"
     from server.models.config import ModelConfig
 
     files, tensors = make_reclora(ModelConfig.from_dir(model_dir), gate=False)

@@ -178,6 +178,9 @@ async def pin_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
     m = await _store(service.manifest(tenant, name, fresh=True))
+    if m.family == "reclora":
+        raise APIError(400, f"{tenant}/{name} is a reclora adapter: it is materialised per user on demand, so there is no one device copy to pin",
+                       code="not_pinnable")  # fmt: skip
     weights = await service.weights(m)
 
     def place(eng):

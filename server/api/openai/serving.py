@@ -54,7 +54,8 @@ class OpenAIServing:
     async def list_models(self, raw: Request) -> ModelList:
         principal = self.principal(raw)
         base = self.llm.model_name
-        cards = [ModelCard(id=base, created=self.created, root=str(self.llm.model_dir))]
+        # where the weights live on disk is the operator's business, not a tenant's
+        cards = [ModelCard(id=base, created=self.created, root=str(self.llm.model_dir) if principal.admin else base)]
         cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.llm.static_adapters)]
         service = self.adapter_service
         if service is not None:
