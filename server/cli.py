@@ -224,7 +224,7 @@ def _serve(args) -> int:
         loopback = False
     if not loopback and not args.admin_key:
         # An open server (no key) must not be reachable from the network.
-        print(f"hotswap: error: refusing to bind {host_ip} without an admin key: set --admin-key or HOTSWAP_ADMIN_KEY, or listen on 127.0.0.1", file=sys.stderr)
+        print(f"hotswap: error: refusing to bind {host_ip} without an admin key: set HOTSWAP_ADMIN_KEY (or --admin-key), or listen on 127.0.0.1", file=sys.stderr)
         return 2
     _check_serve_inputs(args)
     if args.model is None:
