@@ -49,6 +49,8 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
+    if args.admin_key and not (args.admin_key.isascii() and args.admin_key.isprintable()):
+        raise CliError("the admin key must be printable ASCII (it travels in an HTTP header): check HOTSWAP_ADMIN_KEY (or --admin-key)")
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
     # A dead address should fail fast; an upload or a cold listing may take long.
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0))

@@ -245,6 +245,8 @@ def test_admin_command_refused_for_its_key(command, adapter_dir, refusing_server
     assert_one_line_error(_admin(command, adapter_dir, "--url", refusing_server, env=no_key), "needs an admin key", "401", "HOTSWAP_ADMIN_KEY")
     wrong = _admin(command, adapter_dir, "--url", refusing_server, env={"HOTSWAP_ADMIN_KEY": "wrong"})
     assert_one_line_error(wrong, "refused the admin key", "401", "HOTSWAP_ADMIN_KEY")
+    not_ascii = _admin(command, adapter_dir, "--url", refusing_server, env={"HOTSWAP_ADMIN_KEY": "kéy"})
+    assert_one_line_error(not_ascii, "printable ASCII", "HOTSWAP_ADMIN_KEY")
 
 
 def test_admin_commands_against_a_server_that_is_not_hotswap(adapter_dir, foreign_server):

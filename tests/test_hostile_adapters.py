@@ -162,16 +162,16 @@ BAD_LORA_CONFIG = {
     "bool lora_alpha": ({"lora_alpha": True}, r"lora_alpha must be a finite number"),
     "infinite lora_alpha": ({"lora_alpha": 1e400}, r"lora_alpha must be a finite number"),
     "NaN lora_alpha": ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number"),
-    "string r": ({"r": "4"}, r"r must be an integer between 1 and --max-lora-rank: r got '4'"),
-    "float r": ({"r": 4.0}, r"r must be an integer"),
-    "bool r": ({"r": True}, r"r must be an integer"),
+    "string r": ({"r": "4"}, r"r must be a positive integer: r got '4'"),
+    "float r": ({"r": 4.0}, r"r must be a positive integer"),
+    "bool r": ({"r": True}, r"r must be a positive integer"),
     "zero r": ({"r": 0}, r"r got 0 \(Input should be greater than or equal to 1\)"),
     "negative r": ({"r": -4}, r"r got -4"),
-    "huge r": ({"r": 10**30}, r"exceeds --max-lora-rank 32"),
+    "huge r": ({"r": 10**30}, r"config declares 1000000000000000000000000000000"),  # the tensors' rank is what counts
     "list rank_pattern": ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be an object .*got \['q_proj'\]"),
     "string rank": ({"rank_pattern": {"q_proj": "4"}}, r"rank_pattern\['q_proj'\] got '4'"),
     "float rank": ({"rank_pattern": {"q_proj": 4.5}}, r"rank_pattern\['q_proj'\] got 4.5"),
-    "rank above max": ({"rank_pattern": {"q_proj": 64}}, r"rank_pattern\['q_proj'\] got 64 .*exceeds --max-lora-rank 32"),
+    "rank above max": ({"rank_pattern": {"q_proj": 64}}, r"config declares 64"),
     "string alpha": ({"alpha_pattern": {"v_proj": "8"}}, r"alpha_pattern\['v_proj'\] got '8'"),
     "string use_rslora": ({"use_rslora": "true"}, r"use_rslora must be true or false: use_rslora got 'true'"),
     "int use_dora": ({"use_dora": 1}, r"use_dora must be true or false"),
@@ -192,6 +192,12 @@ BAD_LORA_CONFIG = {
 def test_bad_lora_config_is_refused_naming_the_field(good, cfg, case):
     changes, match = BAD_LORA_CONFIG[case]
     refused(with_config(good["lora"], **changes), cfg, match)
+
+
+def test_a_declared_default_rank_above_the_limit_is_fine_when_no_tensor_uses_it(good, cfg):
+    """--max-lora-rank bounds the ranks the tensors have, not a default that rank_pattern overrides everywhere."""
+    weights = parse(with_config(good["lora"], r=MAX_RANK * 4, rank_pattern={".*": RANK}), cfg)
+    assert weights.rank == RANK
 
 
 BAD_RAW_CONFIG = {

@@ -210,6 +210,38 @@ def test_malformed_and_deeply_nested_json_are_400_with_a_useful_message(watched)
     assert time.perf_counter() - t0 < 2
 
 
+def test_conversations_of_too_many_messages_are_refused_before_rendering(watched):
+    client = watched.tenant("acme")
+    t0 = time.perf_counter()
+    r = client.post("/v1/chat/completions", json={"model": "support", "messages": [{"role": "user"}] * 200_000})
+    assert_clean_error(r, 400, param="messages")
+    # under the cap, but each empty message still costs the template tokens: rendered off the event loop, then refused
+    r = client.post("/v1/chat/completions", json={"model": "support", "messages": [{"role": "user"}, {"role": "assistant"}] * 2000})
+    assert_clean_error(r, 400, param="messages", code="context_length_exceeded")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_archives_of_many_entries_are_refused_quickly(watched):
+    import io
+    import tarfile
+    import zipfile
+
+    tar_buf = io.BytesIO()
+    with tarfile.open(fileobj=tar_buf, mode="w:gz") as tar:
+        for i in range(20_000):  # compresses to a few hundred KB
+            tar.addfile(tarfile.TarInfo(f"e{i}"), io.BytesIO(b""))
+    zip_buf = io.BytesIO()
+    with zipfile.ZipFile(zip_buf, "w") as zf:
+        for i in range(2_000):
+            zf.writestr(f"e{i}", b"")
+    with watched.admin() as admin:
+        for name, data in (("many.tar.gz", tar_buf.getvalue()), ("many.zip", zip_buf.getvalue())):
+            t0 = time.perf_counter()
+            r = admin.post("/admin/v1/adapters", data={"tenant": "acme", "name": "many"}, files={"archive": (name, data)})
+            err = assert_clean_error(r, 400, param="archive", code="unsafe_archive")
+            assert "entries" in err["message"] and time.perf_counter() - t0 < 3
+
+
 def test_extreme_sampling_values_that_are_valid_still_sample(watched):
     client = watched.tenant("acme")
     for change in ({"top_p": 1e-300, "temperature": 1.0}, {"seed": 2**63 - 1, "n": 2, "temperature": 1.0}, {"seed": -(2**63), "temperature": 2.0},
@@ -343,6 +375,34 @@ def test_the_prompt_token_cap_is_enforced_below_the_context(tight_server):
     err = assert_clean_error(r, 400, param="prompt", code="context_length_exceeded")
     assert "--max-prompt-tokens" in err["message"]
     assert httpx.post(tight_server.base_url + "/v1/completions", json={"model": "smollm2", "prompt": "word " * 10, "max_tokens": 1}).status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(tight_server, engine):
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    try:
+        r = httpx.post(tight_server.base_url + "/v1/chat/completions",
+                       json={"model": "smollm2", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    finally:
+        engine.tokenizer.chat_template = template
+    err = assert_clean_error(r, 400, param="messages")
+    assert "roles must alternate" in err["message"]
+
+
+def test_a_mounted_app_still_checks_keys_before_anything(engine):
+    """The guard matches the path the router matches, so a prefix does not open the admin API."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from server.api.app import build_app
+    from tests.conftest import LiveServer
+
+    outer = Starlette(routes=[Mount("/hs", app=build_app(engine, api_key="k"))])
+    with LiveServer(outer) as srv:
+        assert httpx.post(srv.base_url + "/hs/admin/v1/tenants", json={"name": "x"}).status_code == 401
+        assert httpx.get(srv.base_url + "/hs/admin/v1/tenants").status_code == 401
+        assert httpx.get(srv.base_url + "/hs/v1/models").status_code == 401
+        assert httpx.get(srv.base_url + "/hs/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
 
 
 def test_a_draining_server_says_so_on_health(tight_server):

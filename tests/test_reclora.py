@@ -136,6 +136,19 @@ def test_updating_a_users_state_takes_effect(rec_server):
     assert srv.http.get("/admin/v1/adapters/shop/recs/users/erin").json()["weights"] == [0, 0, 0, 1]
 
 
+def test_unknown_users_share_one_materialised_adapter(rec_server):
+    """Users are materialised per state: inventing user names cannot fill the caches and evict others."""
+    def device_misses() -> float:
+        metrics = rec_server.http.get("/metrics").text
+        return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith('hotswap_adapter_cache_misses_total{tier="device"}')))
+
+    _complete(rec_server.client, "first-stranger", n=2)
+    before = device_misses()
+    for i in range(4):
+        _complete(rec_server.client, f"stranger-{i}", n=2)
+    assert device_misses() == before
+
+
 def test_bad_user_state_and_malformed_reclora_are_4xx(rec_server, model_dir):
     srv = rec_server
     assert srv.http.put("/admin/v1/adapters/shop/recs/users/x", json={"weights": [1, 2]}).status_code == 400

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from server.lora.peft import AdapterError
 from server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+MAX_CACHED_USERS = 65_536  # per-user states kept in memory (a `user` field is free text)
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
@@ -62,7 +65,8 @@ class AdapterService:
         self.manifest_ttl_s = manifest_ttl_s
         self._manifests: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
-        self._user_states: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
+        # (tenant, adapter, user) -> (fetched at, state); least recently used first, at most MAX_CACHED_USERS
+        self._user_states: OrderedDict[tuple[str, str, str], tuple[float, dict | None]] = OrderedDict()
         self.pinned: set[tuple[str, str]] = set()
 
     # -- names -----------------------------------------------------------------------------
@@ -115,8 +119,10 @@ class AdapterService:
         if m.family != "reclora":
             return device_key(m), weights
         state = await self.user_state(m, user) if user else None
-        digest = hashlib.sha256(json.dumps([user, state], sort_keys=True).encode()).hexdigest()[:16]
-        key = f"{device_key(m)}#user={digest}"
+        # Keyed by the state, not the user: users with the same state (every unknown user: uniform
+        # weights) share one copy, so inventing user names cannot flood the caches and evict others.
+        digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+        key = f"{device_key(m)}#state={digest}"
         cached = self.host.get(key)
         if cached is None:
             try:
@@ -131,6 +137,8 @@ class AdapterService:
         """A user's stored state, cached like manifests (and served stale while the store is down)."""
         cache_key = (m.tenant, m.name, user)
         cached = self._user_states.get(cache_key)
+        if cached:
+            self._user_states.move_to_end(cache_key)
         if cached and time.monotonic() - cached[0] < self.manifest_ttl_s:
             return cached[1]
         try:
@@ -141,6 +149,8 @@ class AdapterService:
             raise _unavailable("the user's state is not cached and the adapter store is unreachable", e) from None
         state = None if record is None else {k: record[k] for k in ("weights", "vector") if k in record}
         self._user_states[cache_key] = (time.monotonic(), state)
+        if len(self._user_states) > MAX_CACHED_USERS:
+            self._user_states.popitem(last=False)
         return state
 
     def forget_user(self, tenant: str, name: str, user: str) -> None:

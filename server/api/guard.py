@@ -34,7 +34,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)  # headers only: the body is not touched here
-        path: str = scope["path"]
+        path = _route_path(scope)
         upload = scope["method"] == "POST" and path == UPLOAD_PATH
         if upload:
             scope[UPLOAD_LIMIT_SCOPE_KEY] = self.limits.max_adapter_bytes  # for the 413's message
@@ -44,6 +44,7 @@ class RequestGuard:
                 request.state.principal = await api_principal(request, self.admin_key, self.registry)
             elif path == "/admin" or path.startswith("/admin/"):
                 require_admin(request, self.admin_key)
+                request.state.admin_checked = True  # the admin routes refuse to run without this mark
             declared = _content_length(request.headers)
             if declared is not None and declared > limit:
                 raise too_large(self.limits.max_adapter_bytes if upload else limit, upload)
@@ -51,6 +52,12 @@ class RequestGuard:
             await error_response(e, close=_unread_body_is_large(request.headers, limit))(scope, receive, send)
             return
         await RequestBodyLimitMiddleware(self.app, limit)(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the prefix the app is mounted under (root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -100,7 +100,7 @@ class AsyncEngine:
                 updates = engine.step()
                 for u in updates:
                     if u.seq.finish_reason == "error":  # this request alone failed
-                        self._emit(u.seq.seq_id, RequestFailed(u.seq.error or ENGINE_FAILED))
+                        self._emit(u.seq.seq_id, u.seq.error or RequestFailed(ENGINE_FAILED))
                         continue
                     self._emit(
                         u.seq.seq_id,
@@ -128,7 +128,7 @@ class AsyncEngine:
 
     def _fail_all(self) -> None:
         sched = self.engine.scheduler
-        for seq in list(sched.running) + list(sched.waiting):
+        for seq in list(sched.running) + list(sched.waiting) + sched.take_failed():
             self.engine.abort(seq)
             self._emit(seq.seq_id, RequestFailed(ENGINE_FAILED))
 

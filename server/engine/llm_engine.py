@@ -17,7 +17,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
-from server.lora.manager import AdapterManager
+from server.lora.manager import AdapterManager, AdapterTooLarge
 from server.families.detect import parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
@@ -134,9 +134,13 @@ class LLMEngine:
         else:
             try:
                 placed = self.adapters.ensure_resident(seq.adapter_weights)
+            except AdapterTooLarge as e:  # the request's own doing, as permanent as a too-long prompt
+                log.warning("%s", e)
+                raise RequestFailed(f"the adapter needs more than this server's whole adapter memory ({e.budget} bytes)",
+                                    status=400, code="adapter_too_large") from None  # fmt: skip
             except Exception:
                 log.exception("adapter %s cannot be placed in the device pools", seq.adapter)
-                raise RequestFailed("the adapter cannot be placed on the device: it is larger than the adapter memory, or malformed") from None
+                raise RequestFailed("the adapter cannot be placed on the device: its weights are malformed") from None
             if placed is None:
                 return False
         self.adapters.acquire(seq.adapter)
@@ -164,14 +168,16 @@ class LLMEngine:
     def step(self) -> list[SeqUpdate]:
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        updates = [self._failed(seq) for seq in self.scheduler.take_failed()]
         if not scheduled:
-            return updates
+            return [self._failed(seq) for seq in self.scheduler.take_failed()]
         self.runner.zero_blocks(self.block_manager.take_fresh())
         result = self._run(scheduled)
         for i, why in result.failures.items():
-            scheduled[i].seq.fail(why)
+            scheduled[i].seq.fail(RequestFailed(why))
         self.scheduler.postprocess(scheduled, result.tokens, self.eos_token_ids)
+        # Sequences refused at admission are taken only now: had the step raised, they would still be
+        # in the scheduler for AsyncEngine._fail_all to answer.
+        updates = [self._failed(seq) for seq in self.scheduler.take_failed()]
         for i, (item, token) in enumerate(zip(scheduled, result.tokens)):
             seq = item.seq
             if i in result.failures:

@@ -94,7 +94,7 @@ class Scheduler:
                 placed = self.acquire_adapter(seq)
             except RequestFailed as e:  # its adapter can never be placed: that request fails, not the step
                 self.waiting.popleft()
-                seq.fail(str(e))
+                seq.fail(e)
                 self.failed.append(seq)
                 continue
             if not placed:

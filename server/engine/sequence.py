@@ -13,7 +13,12 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 class RequestFailed(Exception):
     """A failure that belongs to one request: its sequences end, every other request goes on.
-    The message is meant for the client: it never carries internals."""
+    The message is meant for the client: it never carries internals. `status` is the HTTP status the
+    API answers with: 500 for a failure in the engine, 4xx for one the request itself causes."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "request_failed"):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass(slots=True)
@@ -66,7 +71,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None  # why it failed (finish_reason "error"), for the client
+    error: RequestFailed | None = None  # why it failed (finish_reason "error"), for the client
     num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
@@ -92,7 +97,7 @@ class Sequence:
     def finish(self, reason: str) -> None:
         self.status, self.finish_reason = SequenceStatus.FINISHED, reason
 
-    def fail(self, why: str) -> None:
+    def fail(self, error: RequestFailed) -> None:
         """End this sequence alone because of something that belongs to it (its adapter, its numbers)."""
         self.finish("error")
-        self.error = why
+        self.error = error

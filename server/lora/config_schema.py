@@ -30,6 +30,9 @@ def _at_most_max_rank(r: int, info: ValidationInfo) -> int:
 
 
 Rank = Annotated[int, Field(ge=1), AfterValidator(_at_most_max_rank)]
+# A PEFT LoRA's `r` and `rank_pattern` are defaults the tensors may not all use: the ranks the tensors
+# actually have are what --max-lora-rank bounds (the parser checks them).
+DeclaredRank = Annotated[int, Field(ge=1)]
 Name = Annotated[Text, StringConstraints(max_length=MAX_PATTERN_CHARS)]  # a module name or a regex over them
 Names = Annotated[list[Name], Field(max_length=MAX_PATTERNS)]
 Tag = Annotated[Text, StringConstraints(max_length=64)]
@@ -59,14 +62,14 @@ class LoraConfig(_Config):
     """PEFT LoRA (`LoraConfig.save_pretrained`). Refusals of supported-but-unserved features are the parser's."""
 
     peft_type: Tag = Field("LORA", description="'LORA'")
-    r: Rank = Field(8, description=RANK)
+    r: DeclaredRank = Field(8, description="a positive integer")
     lora_alpha: float = Field(8, description="a finite number")
     use_rslora: bool | None = Field(None, description="true or false")
     use_dora: bool | None = Field(None, description="true or false")
     bias: Tag = Field("none", description="'none'")
     modules_to_save: Names | None = Field(None, description="null or a list of module names")
-    rank_pattern: Annotated[dict[Name, Rank], Field(max_length=MAX_PATTERNS)] | None = Field(
-        None, description=f"an object mapping module-name regexes (at most {MAX_PATTERNS}, each at most {MAX_PATTERN_CHARS} characters) to ranks, each {RANK}"
+    rank_pattern: Annotated[dict[Name, DeclaredRank], Field(max_length=MAX_PATTERNS)] | None = Field(
+        None, description=f"an object mapping module-name regexes (at most {MAX_PATTERNS}, each at most {MAX_PATTERN_CHARS} characters) to positive integer ranks"
     )
     alpha_pattern: Annotated[dict[Name, float], Field(max_length=MAX_PATTERNS)] | None = Field(
         None, description=f"an object mapping module-name regexes (at most {MAX_PATTERNS}, each at most {MAX_PATTERN_CHARS} characters) to finite numbers"

@@ -26,6 +26,14 @@ FAMILIES = ("lora", "s2ft")  # pool spaces, in the order tokens are grouped with
 SPACE_OF = {"lora": "lora", "moe-lora": "lora", "s2ft": "s2ft"}  # routed experts are LoRA rows too
 
 
+class AdapterTooLarge(ValueError):
+    """The adapter needs more pool memory than the whole budget: it can never be placed."""
+
+    def __init__(self, message: str, budget: int):
+        super().__init__(message)
+        self.budget = budget
+
+
 @dataclass(slots=True)
 class ResidentAdapter:
     name: str
@@ -159,7 +167,7 @@ class AdapterManager:
         cost = weights.units * space.unit_bytes
         if self.budget_bytes is not None:
             if cost > self.budget_bytes:
-                raise ValueError(f"adapter {weights.name!r} needs {cost} bytes, more than the whole adapter budget {self.budget_bytes}")
+                raise AdapterTooLarge(f"adapter {weights.name!r} needs {cost} bytes, more than the whole adapter budget {self.budget_bytes}", self.budget_bytes)
             while self.resident_bytes + cost > self.budget_bytes:
                 if not self._evict_one():
                     return None

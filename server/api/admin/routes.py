@@ -19,6 +19,7 @@ from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large, unavailable
 from server.validation import StrictModel, Text
 from server.families.detect import FAMILIES, module_units, parse_adapter
+from server.lora.manager import AdapterTooLarge
 from server.lora.peft import AdapterError
 
 router = APIRouter(prefix="/admin/v1")
@@ -30,6 +31,8 @@ class TenantCreate(StrictModel):
 
 def _admin(request: Request):
     """The app's state for an admin route (the admin key was checked before the body was read: server.api.guard)."""
+    if not getattr(request.state, "admin_checked", False):  # fail closed if the guard did not see this route
+        raise APIError(401, "The admin API needs `Authorization: Bearer <admin key>`.", code="invalid_api_key")
     state = request.app.state
     if state.adapter_service is None:
         raise APIError(404, "this server runs without an adapter registry", code="no_registry")
@@ -114,7 +117,7 @@ async def upload_adapter(request: Request):
             raise too_large(limit, upload=True)
         filename = upload.filename or field
         if field == "archive" or filename.endswith(ARCHIVE_SUFFIXES):
-            files.update(extract_archive(data, filename, limit))
+            files.update(await asyncio.to_thread(extract_archive, data, filename, limit))  # decompression: off the event loop
         else:
             files[filename.rsplit("/", 1)[-1]] = data
     engine = state.engine.engine
@@ -184,7 +187,11 @@ async def pin_adapter(tenant: str, name: str, request: Request):
     weights = await service.weights(m)
 
     def place(eng):
-        if eng.adapters.ensure_resident(weights) is None:
+        try:
+            placed = eng.adapters.ensure_resident(weights)
+        except AdapterTooLarge as e:
+            raise APIError(400, f"{tenant}/{name} needs more than the whole adapter memory ({e.budget} bytes)", code="adapter_too_large") from None
+        if placed is None:
             raise APIError(409, f"{tenant}/{name} does not fit in the adapter memory next to the adapters in use; retry later", code="no_room")
         eng.adapters.set_pinned(device_key(m), True)
 

@@ -11,6 +11,25 @@ from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 
 WANTED = (CONFIG_FILE, WEIGHTS_FILE)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# An adapter directory holds a handful of files; the cap bounds the work and memory of listing one
+# (a 2 MB tar.gz can hold 300,000 empty entries).
+MAX_ARCHIVE_ENTRIES = 256
+
+
+def _too_many_entries() -> APIError:
+    return APIError(400, f"the archive holds more than {MAX_ARCHIVE_ENTRIES} entries: upload one adapter directory", param="archive",
+                    code="unsafe_archive")  # fmt: skip
+
+
+def _zip_is_small(data: bytes) -> bool:
+    """zipfile reads the whole central directory on opening, so its declared size and entry count are
+    checked first, from the end-of-central-directory record (a zip64 archive declares 0xFFFF entries)."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))  # the record is 22 bytes + a comment
+    if end < 0 or len(data) < end + 22:
+        raise zipfile.BadZipFile("no end of central directory record")
+    entries = int.from_bytes(data[end + 10 : end + 12], "little")
+    directory_bytes = int.from_bytes(data[end + 12 : end + 16], "little")
+    return entries <= MAX_ARCHIVE_ENTRIES and directory_bytes <= MAX_ARCHIVE_ENTRIES * 1024
 
 
 def _safe_member(name: str) -> str:
@@ -43,6 +62,8 @@ def extract_archive(data: bytes, filename: str, limit: int) -> dict[str, bytes]:
     total = 0
     try:
         if filename.endswith(".zip") or zipfile.is_zipfile(io.BytesIO(data)):
+            if not _zip_is_small(data):
+                raise _too_many_entries()
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 for info in zf.infolist():
                     path = _safe_member(info.filename)
@@ -57,7 +78,9 @@ def extract_archive(data: bytes, filename: str, limit: int) -> dict[str, bytes]:
                         entries[path] = zf.read(info)
         else:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-                for member in tf:
+                for count, member in enumerate(tf, 1):
+                    if count > MAX_ARCHIVE_ENTRIES:
+                        raise _too_many_entries()
                     path = _safe_member(member.name)
                     if member.isdir():
                         continue

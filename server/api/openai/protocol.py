@@ -5,12 +5,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from adapters_store.user_state import MAX_USER_CHARS
 from server.validation import StrictModel, Text
 from server.engine.sequence import MIN_TEMPERATURE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 16, 1024
 MAX_STOP_TOKEN_IDS = 256
+MAX_MESSAGES = 4096  # bounds the work of validating and rendering one conversation
 
 
 def _temperature(value: float) -> float:
@@ -40,7 +42,7 @@ class SamplingFields(StrictModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    user: Annotated[Text, Field(max_length=512)] | None = None
+    user: Annotated[Text, Field(max_length=MAX_USER_CHARS)] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
@@ -63,7 +65,7 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     top_logprobs: int | None = Field(None, ge=0, le=20)
 

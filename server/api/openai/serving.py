@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 from fastapi import Request
+from jinja2 import TemplateError
 
 from adapters_store import StoreUnavailable
 from server.adapters.service import AdapterService
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Inputs longer than this (characters) are tokenized, and chat templates rendered, on a worker thread.
 OFFLOAD_CHARS = 16_384
+# What a chat template adds around each message (role markers, separators), counted towards OFFLOAD_CHARS.
+TEMPLATE_CHARS_PER_MESSAGE = 32
 
 
 class OpenAIServing:
@@ -73,7 +76,11 @@ class OpenAIServing:
 
     @staticmethod
     def principal(raw: Request) -> Principal:
-        return raw.state.principal  # set from the headers before the body was read (server.api.guard)
+        """The caller, as the guard found it from the headers before the body was read (server.api.guard)."""
+        principal = getattr(raw.state, "principal", None)
+        if principal is None:  # fail closed if the guard did not see this route
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return principal
 
     async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None]:
         """(engine adapter key, host weights to place if not resident) for the request's `model`."""
@@ -198,14 +205,20 @@ class OpenAIServing:
         tok = self.llm.tokenizer
         if not tok.chat_template:
             raise APIError(400, f"model `{self.llm.model_name}` has no chat template: use /v1/completions", param="messages")
+        if len(messages) > self.max_prompt_tokens:  # the template spends at least a token on each
+            raise self._prompt_too_long(f"{len(messages)} messages", "messages")
         chars = sum(len(m["content"]) for m in messages)
         self._check_prompt_chars(chars, "messages")
 
         def render() -> list[int]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as e:  # templates refuse what they cannot render ("roles must alternate ...")
+                raise APIError(400, f"the model's chat template refuses these messages: {e.message or 'template error'}", param="messages") from None
             return tok(text, add_special_tokens=False)["input_ids"]
 
-        ids = await asyncio.to_thread(render) if chars > OFFLOAD_CHARS else render()
+        offload = chars + TEMPLATE_CHARS_PER_MESSAGE * len(messages) > OFFLOAD_CHARS
+        ids = await asyncio.to_thread(render) if offload else render()
         self._check_prompt_tokens(len(ids), "messages")
         return ids
 
@@ -241,13 +254,12 @@ class OpenAIServing:
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if not done and await raw.is_disconnected():
-                task.cancel()
-                self.metrics.requests.labels(endpoint, "abort").inc()
+                task.cancel()  # each of its sequences counts itself as aborted (_timed)
                 raise APIError(499, "client disconnected", type="client_closed")
         try:
             results = task.result()
         except RequestFailed as e:
-            raise APIError(500, str(e), type="server_error", code="request_failed") from None
+            raise APIError(e.status, str(e), type="server_error" if e.status >= 500 else "invalid_request_error", code=e.code) from None
         choices = []
         for i, (text, reason, _) in enumerate(results):
             if chat:
@@ -348,7 +360,8 @@ class OpenAIServing:
                 else:
                     yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": reason}])
         except RequestFailed as e:  # the status line is long gone: tell the client in-band, as vLLM does
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': 'request_failed'}})}\n\n"
+            kind = "server_error" if e.status >= 500 else "invalid_request_error"
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'param': None, 'code': e.code}})}\n\n"
             yield "data: [DONE]\n\n"
             return
         if usage_prompt_tokens is not None:
