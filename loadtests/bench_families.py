@@ -24,7 +24,7 @@ from loadtests.bench_adapters import run_load
 from loadtests.synthetic import lora_files, mixlora_files, reclora_files, s2ft_files
 from server.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.families.detect import parse_adapter
+from server.families.registry import parse_adapter
 from server.families.reclora import parse_reclora
 
 

@@ -28,7 +28,7 @@ from server.adapters.service import build_adapter_service
 from server.api.app import build_app
 from server.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.lora.peft import module_dims
+from server.models.modules import module_dims
 
 TENANT = "bench"
 

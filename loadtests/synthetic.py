@@ -6,11 +6,7 @@ import json
 import torch
 from safetensors.torch import save as safetensors_save
 
-from server.lora.peft import module_dims
-
-
-def _block(module: str) -> str:
-    return "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+from server.models.modules import module_dims, module_parent
 
 
 def lora_files(cfg, g, rank=16, targets=("q_proj", "v_proj")):
@@ -18,7 +14,7 @@ def lora_files(cfg, g, rank=16, targets=("q_proj", "v_proj")):
     for layer in range(cfg.num_layers):
         for m in targets:
             d_in, d_out = module_dims(cfg, m)
-            p = f"base_model.model.model.layers.{layer}.{_block(m)}.{m}"
+            p = f"base_model.model.model.layers.{layer}.{module_parent(m)}.{m}"
             t[f"{p}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
             t[f"{p}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
     cfg_json = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets)}
@@ -33,7 +29,7 @@ def s2ft_files(cfg, g, fraction=0.03):
             n = d_out if kind == "row" else d_in
             k = max(1, int(n * fraction))
             idx = torch.randperm(n, generator=g)[:k].sort().values.to(torch.int32)
-            p = f"model.layers.{layer}.{_block(m)}.{m}.s2_{kind}"
+            p = f"model.layers.{layer}.{module_parent(m)}.{m}.s2_{kind}"
             t[f"{p}_indices"] = idx
             t[f"{p}_delta"] = torch.randn((k, d_in) if kind == "row" else (d_out, k), generator=g) * 0.01
     c = {"peft_type": "S2FT", "hotswap_family": "s2ft", "format_version": 1, "base_model_name_or_path": "bench",
@@ -46,7 +42,7 @@ def reclora_files(cfg, g, k=8, rank=8, targets=("q_proj", "v_proj")):
     for layer in range(cfg.num_layers):
         for m in targets:
             d_in, d_out = module_dims(cfg, m)
-            p = f"model.layers.{layer}.{_block(m)}.{m}"
+            p = f"model.layers.{layer}.{module_parent(m)}.{m}"
             t[f"{p}.reclora_A"] = torch.randn(k, rank, d_in, generator=g) / d_in**0.5
             t[f"{p}.reclora_B"] = torch.randn(k, d_out, rank, generator=g) * 0.01
     c = {"peft_type": "RECLORA", "r": rank, "lora_alpha": rank, "num_meta_loras": k, "target_modules": list(targets)}

@@ -119,11 +119,11 @@ def test_an_embedded_model_that_cannot_be_fetched_is_one_line(tmp_path):
 
 
 def test_an_adapter_the_engine_refuses_is_one_line(model_dir, tmp_path):
-    """Errors found only while loading (here DoRA) reach the user the same way, just later."""
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
+    """Errors found only while loading (here modules_to_save) reach the user the same way, just later."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": ["lm_head"]}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    proc = hotswap("serve", "--port", "1", "--log-level", "warning", "--adapter", f"dora={tmp_path}", timeout=60)
-    assert_one_line_error(proc, "dora: DoRA adapters are not supported")
+    proc = hotswap("serve", "--port", "1", "--log-level", "warning", "--adapter", f"saver={tmp_path}", timeout=60)
+    assert_one_line_error(proc, "saver: modules_to_save")
 
 
 def test_serve_usage_errors_keep_argparse_format():

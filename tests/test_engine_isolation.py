@@ -15,7 +15,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.sampler import NON_FINITE, sample
 from server.engine.sequence import SamplingParams, Sequence
-from server.families.detect import parse_adapter
+from server.families.registry import parse_adapter
 from server.lora.peft import read_adapter_files
 from tests.conftest import greedy_outputs
 

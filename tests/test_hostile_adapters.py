@@ -13,7 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from loadtests.synthetic import lora_files, mixlora_files, reclora_files, s2ft_files
-from server.families.detect import parse_adapter
+from server.families.registry import parse_adapter
 from server.families.moe import parse_mixlora
 from server.families.reclora import parse_reclora
 from server.families.s2ft import parse_s2ft
@@ -182,7 +182,7 @@ BAD_LORA_CONFIG = {
     "lone surrogate pattern": ({"rank_pattern": {"\ud800": 4}}, r"rank_pattern .*valid Unicode"),
     "alpha overflowing float32": ({"lora_alpha": 1e300}, r"lora_B: values up to .* overflow torch.float32"),
     # refusals kept from before
-    "dora": ({"use_dora": True}, r"DoRA adapters are not supported"),
+    "dora": ({"use_dora": True}, r"DoRA|use_dora"),  # served by the dora family when there is one, never as plain LoRA
     "bias": ({"bias": "all"}, r"bias='all'"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, r"modules_to_save .* is not supported"),
 }

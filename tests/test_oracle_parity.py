@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from server.engine.sequence import SamplingParams, Sequence
-from server.models.llama import ADAPTER_MODULES
+from server.families.registry import SPACES
+from server.models.modules import ADAPTER_MODULES
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
 NEW_TOKENS = 32
@@ -61,7 +62,7 @@ def test_prompt_logits_match_transformers_peft(engine, model_dir, adapter_dirs, 
     if adapter:
         entry = engine.adapters.get(adapter)
         plan = make_lora_plan([0, n], [entry.row_start], [entry.rank])
-    ctx = ForwardContext(slots, 0, None, None, [PrefillChunk(0, n, 0, table)], {m: plan for m in ADAPTER_MODULES} if plan else {})
+    ctx = ForwardContext(slots, 0, None, None, [PrefillChunk(0, n, 0, table)], {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}} if plan else {})
     with torch.inference_mode():
         ours = engine.model.compute_logits(engine.model(ids[0], torch.arange(n), ctx))
     err = (ours - ref).abs().max().item()
@@ -87,7 +88,7 @@ def test_bfloat16_engine_tracks_float32(model_dir, adapter_dirs, engine):
         table = torch.arange(eng.block_manager.blocks_needed(n))
         entry = eng.adapters.get(adapter)
         plan = make_lora_plan([0, n], [entry.row_start], [entry.rank])
-        ctx = ForwardContext(torch.arange(n), 0, None, None, [PrefillChunk(0, n, 0, table)], {m: plan for m in ADAPTER_MODULES})
+        ctx = ForwardContext(torch.arange(n), 0, None, None, [PrefillChunk(0, n, 0, table)], {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}})
         with torch.inference_mode():
             return eng.model.compute_logits(eng.model(torch.tensor(ids), torch.arange(n), ctx))[-1]
 

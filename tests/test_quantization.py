@@ -17,6 +17,7 @@ from kernels.quant import (
     quantize_int4, quantize_int8,
 )
 from server.config import EngineConfig
+from server.families.registry import SPACES
 from server.layers.context import ForwardContext
 from server.layers.linear import AdaptedLinear
 from tests.conftest import greedy_outputs
@@ -94,7 +95,7 @@ def test_adapter_delta_on_quantized_base_matches_reference(mode):
     x = torch.randn(9, 64, generator=g)
     empty = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_mask=None)
     ctx = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_mask=None,
-                         lora_plans={"v_proj": plan})
+                         plans={SPACES["lora"]: {"v_proj": plan}})
     base, adapted = lin(x, empty), lin(x, ctx)
     _close(base, x @ lin.quant.dequantize().T, BF16_REL)
     want = torch.zeros(9, 32)

@@ -13,7 +13,9 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,9 +23,8 @@ from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, Disk
 from server.adapters.host_cache import HostCache
 from server.api.errors import APIError, unavailable
 from server.auth import Principal
-from server.families.detect import parse_adapter
+from server.families.registry import family_named
 from server.lora.peft import AdapterError
-from server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,15 @@ class AdapterService:
         registry: Registry,
         disk_cache: DiskCache,
         host_cache: HostCache,
-        model_cfg: ModelConfig,
+        parse: Callable[[dict[str, bytes], str, str | None], Any],
         dtype: torch.dtype,
-        max_lora_rank: int,
         base_model: str,
         metrics=None,
         manifest_ttl_s: float = 2.0,
     ):
         self.registry, self.disk, self.host = registry, disk_cache, host_cache
-        self.model_cfg, self.dtype, self.max_lora_rank = model_cfg, dtype, max_lora_rank
+        # parse(files, name, family) -> weights: the engine's, which knows the model (LLMEngine.parse_adapter)
+        self.parse, self.dtype = parse, dtype
         self.base_model = base_model
         self.metrics = metrics
         self.manifest_ttl_s = manifest_ttl_s
@@ -116,7 +117,7 @@ class AdapterService:
     async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, object]:
         """(engine key, host weights) for a request: RecLoRA adapters are materialised per user."""
         weights = await self.weights(m)
-        if m.family != "reclora":
+        if not family_named(m.family).per_user:
             return device_key(m), weights
         state = await self.user_state(m, user) if user else None
         # Keyed by the state, not the user: users with the same state (every unknown user: uniform
@@ -126,8 +127,7 @@ class AdapterService:
         cached = self.host.get(key)
         if cached is None:
             try:
-                w = weights.user_weights(state)
-                cached = await asyncio.to_thread(weights.materialize, key, w, self.dtype)
+                cached = await asyncio.to_thread(weights.personalize, key, state, self.dtype)
             except AdapterError as e:  # the user's state does not fit this adapter (length, overflow)
                 raise APIError(400, str(e), param="user") from None
             self.host.put(key, cached)
@@ -182,7 +182,7 @@ class AdapterService:
         on_disk = all(f["sha256"] in self.disk for f in m.files.values())
         self._count("disk", hit=on_disk)
         files = await self.registry.fetch_files(m, cache=self.disk)
-        weights = await asyncio.to_thread(parse_adapter, files, key, self.model_cfg, self.dtype, self.max_lora_rank, m.family)
+        weights = await asyncio.to_thread(self.parse, files, key, m.family)
         self.host.put(key, weights)
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels("disk" if on_disk else "store").observe(time.perf_counter() - t0)
@@ -203,7 +203,4 @@ def build_adapter_service(engine, store_url: str, s3_endpoint: str | None, cache
 
     registry = Registry(open_store(store_url, s3_endpoint=s3_endpoint))
     disk = DiskCache(Path(cache_dir) if cache_dir else hotswap_home() / "adapter-cache", disk_bytes)
-    return AdapterService(
-        registry, disk, HostCache(host_bytes), engine.model.config, engine.model.dtype,
-        engine.config.max_lora_rank, engine.base_fingerprint, metrics,
-    )  # fmt: skip
+    return AdapterService(registry, disk, HostCache(host_bytes), engine.parse_adapter, engine.model.dtype, engine.base_fingerprint, metrics)

@@ -18,7 +18,7 @@ from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
 from server.lora.manager import AdapterManager, AdapterTooLarge
-from server.families.detect import parse_adapter
+from server.families.registry import FAMILIES, parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
 from server.models.loader import load_model
@@ -114,13 +114,17 @@ class LLMEngine:
 
     def load_adapter(self, name: str, path: Path) -> None:
         """A static adapter from a local directory: pinned in the device pools for the server's life."""
-        files = read_adapter_files(Path(path), name)
-        weights = parse_adapter(files, name, self.model.config, self.model.dtype, self.config.max_lora_rank)
-        if weights.family == "reclora":
+        weights = self.parse_adapter(read_adapter_files(Path(path), name), name)
+        if FAMILIES[weights.family].per_user:
             raise ValueError(f"{name}: {weights.family} adapters are per user: serve them from the registry, not --adapter")
         self.adapters.add(weights, pinned=True)
         self.static_adapters.add(name)
         log.info("adapter %s (%s): %d units, %d modules, %.1f MiB", name, weights.family, weights.units, len(weights.modules), weights.num_bytes / 2**20)
+
+    def parse_adapter(self, files: dict[str, bytes], name: str, family: str | None = None):
+        """An adapter's files as its family parses them for this model (AdapterError if they do not fit it).
+        Reads the base weights only; safe off the engine thread."""
+        return parse_adapter(files, name, self.model.config, self.model.dtype, self.config.max_lora_rank, family, self.model.base_weight)
 
     def _acquire_adapter(self, seq: Sequence) -> bool:
         """Place the sequence's adapter (False: not now). An adapter that can never be placed fails

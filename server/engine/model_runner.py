@@ -1,7 +1,13 @@
-"""Turns scheduled sequences into tensors, runs the model and samples. The only engine part that touches tensors."""
+"""Turns scheduled sequences into tensors, runs the model and samples. The only engine part that touches tensors.
+
+One step is four stages (as in nano-vllm): `prepare` lays the scheduled tokens out in plain Python
+lists, `plan` turns them into the forward context (KV slots, attention tables, each pool space's
+per-module segment plans, the step hooks of families that route), `forward` runs the model and
+`sample` picks the next tokens.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -9,9 +15,15 @@ from kernels import make_lora_plan
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
-from server.layers.context import ForwardContext, MoEGroup, PrefillChunk
-from server.lora.manager import FAMILIES, SPACE_OF, AdapterManager
-from server.models.llama import ADAPTER_MODULES, LlamaForCausalLM
+from server.families.registry import FAMILIES, SPACES
+from server.layers.context import ForwardContext, PrefillChunk
+from server.lora.manager import AdapterManager
+from server.models.llama import LlamaForCausalLM
+from server.models.modules import ADAPTER_MODULES
+
+# Spaces in the order their adapters' tokens are grouped within a step (any fixed order works).
+SPACE_ORDER = tuple(sorted(SPACES))
+BASE_KEY = (-1, -1, 0, frozenset())  # the adapter key of a base-model sequence
 
 
 @dataclass(slots=True)
@@ -19,6 +31,23 @@ class StepResult:
     tokens: list[int | None]  # per scheduled sequence: its sampled token; None while it is still prefilling or if it failed
     failures: dict[int, str]  # scheduled index -> why that sequence failed (its own numbers, its sampling)
     num_adapters: int  # distinct adapters in the step
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """The step's tokens laid out flat, decode tokens first, each adapter's tokens contiguous: plain Python."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # KV-cache slot each token writes
+    seg_indptr: list[int] = field(default_factory=lambda: [0])  # adapter segments over the tokens ...
+    seg_keys: list[tuple] = field(default_factory=list)  # ... and each one's (space index, start, units, targets)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (token start, end, context length, block table)
+    sample_rows: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, token row) of sequences that sample
+    hooked: dict[str, list[int]] = field(default_factory=dict)  # adapter -> its token rows, for families with a step hook
+    num_adapters: int = 0
 
 
 class ModelRunner:
@@ -49,101 +78,89 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def _adapter_key(self, seq: Sequence) -> tuple:
-        """(family index, first unit, units, target modules); (-1, -1, 0, ∅) for the base model."""
-        if seq.adapter is None:
-            return (-1, -1, 0, frozenset())
-        entry = self.adapters.get(seq.adapter)
-        if entry.family == "moe-lora":  # the step plan carries its attention LoRA; experts are routed per layer
-            return (FAMILIES.index("lora"), entry.row_start, entry.weights.attn_rank, entry.targets)
-        return (FAMILIES.index(SPACE_OF[entry.family]), entry.row_start, entry.rank, entry.targets)
-
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
         """The sampled token of every scheduled sequence, the sequences that failed alone, and the
         number of distinct adapters in the step."""
+        layout = self.prepare(scheduled)
+        ctx = self.plan(layout)
+        hidden = self.forward(layout, ctx)
+        return self.sample(scheduled, layout, hidden)
+
+    # -- prepare: scheduled sequences -> flat lists ----------------------------------------------
+    def _adapter_key(self, seq: Sequence) -> tuple:
+        """(space index, first unit, units the plan drives, target modules); BASE_KEY for the base model."""
+        if seq.adapter is None:
+            return BASE_KEY
+        entry = self.adapters.get(seq.adapter)
+        return (SPACE_ORDER.index(entry.space), entry.row_start, entry.plan_units, entry.targets)
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepLayout:
         keys = [self._adapter_key(s.seq) for s in scheduled]
         is_decode = [s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
         # decode tokens first, then prefill chunks; each group sorted by adapter so adapters form segments
         order = sorted(range(len(scheduled)), key=lambda i: (not is_decode[i], keys[i]))
-        bs = self.block_size
-
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seg_indptr, seg_keys = [0], []
-        dec_tables, dec_lens, prefills, sample_rows = [], [], [], []
-        moe_tokens: dict[str, list[int]] = {}
+        bs, out = self.block_size, StepLayout()
         for i in order:
             item, seq = scheduled[i], scheduled[i].seq
             start, n = seq.num_computed_tokens, item.num_new_tokens
-            t0 = len(input_ids)
-            input_ids += seq.token_ids(start, start + n)
-            positions += range(start, start + n)
+            t0 = len(out.input_ids)
+            out.input_ids += seq.token_ids(start, start + n)
+            out.positions += range(start, start + n)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            out.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             if is_decode[i]:
-                dec_tables.append(table)
-                dec_lens.append(start + 1)
+                out.decode_tables.append(table)
+                out.decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillChunk(t0, t0 + n, start, torch.tensor(table, dtype=torch.long)))
+                out.prefills.append((t0, t0 + n, start, table))
             if item.samples:
-                sample_rows.append((i, t0 + n - 1))
-            if seq.adapter is not None and self.adapters.get(seq.adapter).family == "moe-lora":
-                moe_tokens.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
-            if seg_keys and seg_keys[-1] == keys[i]:
-                seg_indptr[-1] = t0 + n
+                out.sample_rows.append((i, t0 + n - 1))
+            if seq.adapter is not None and self.adapters.get(seq.adapter).weights is not None:
+                out.hooked.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
+            if out.seg_keys and out.seg_keys[-1] == keys[i]:
+                out.seg_indptr[-1] = t0 + n
             else:
-                seg_indptr.append(t0 + n)
-                seg_keys.append(keys[i])
+                out.seg_indptr.append(t0 + n)
+                out.seg_keys.append(keys[i])
+        out.num_adapters = len({k for k in keys if k != BASE_KEY})
+        return out
 
+    # -- plan: flat lists -> the forward context -------------------------------------------------
+    def plan(self, layout: StepLayout) -> ForwardContext:
+        bs = self.block_size
         decode_tables = decode_mask = None
-        if dec_tables:
-            width = max(len(t) for t in dec_tables)
-            decode_tables = torch.tensor([t + [self.null_block] * (width - len(t)) for t in dec_tables], dtype=torch.long)
-            lens = torch.tensor(dec_lens)
-            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec_tables), 1, 1, -1)
-        plans = [self._plans(seg_indptr, seg_keys, family) for family in range(len(FAMILIES))]
-        ctx = ForwardContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            num_decode=len(dec_tables),
+        if layout.decode_tables:
+            width = max(len(t) for t in layout.decode_tables)
+            decode_tables = torch.tensor([t + [self.null_block] * (width - len(t)) for t in layout.decode_tables], dtype=torch.long)
+            lens = torch.tensor(layout.decode_lens)
+            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(layout.decode_tables), 1, 1, -1)
+        plans = {}
+        for index, name in enumerate(SPACE_ORDER):
+            if space_plans := self._plans(layout.seg_indptr, layout.seg_keys, index):
+                plans[SPACES[name]] = space_plans
+        hooks = []
+        for adapter, rows in layout.hooked.items():
+            entry = self.adapters.get(adapter)
+            if (hook := FAMILIES[entry.family].step_hook(entry, torch.tensor(rows, dtype=torch.long))) is not None:
+                hooks.append(hook)
+        return ForwardContext(
+            slot_mapping=torch.tensor(layout.slots, dtype=torch.long),
+            num_decode=len(layout.decode_tables),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
-            prefills=prefills,
-            lora_plans=plans[FAMILIES.index("lora")],
-            s2ft_plans=plans[FAMILIES.index("s2ft")],
-            moe=[self._moe_group(name, toks) for name, toks in moe_tokens.items()],
+            prefills=[PrefillChunk(t0, t1, ctx_len, torch.tensor(table, dtype=torch.long)) for t0, t1, ctx_len, table in layout.prefills],
+            plans=plans,
+            hooks=hooks,
         )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), ctx)
-
-        sampled: list[int | None] = [None] * len(scheduled)
-        failures: dict[int, str] = {}
-        if sample_rows:
-            last_hidden = hidden[torch.tensor([r for _, r in sample_rows])]
-            # finite hidden states give finite logits (base weights are finite, the state is normalised)
-            finite = torch.isfinite(last_hidden).all(dim=-1).tolist()
-            logits = self.model.compute_logits(last_hidden)
-            seqs = [scheduled[i].seq for i, _ in sample_rows]
-            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs], finite)
-            for row, ((i, _), tok) in enumerate(zip(sample_rows, tokens)):
-                if row in failed_rows:
-                    failures[i] = failed_rows[row]
-                else:
-                    sampled[i] = tok
-        return StepResult(sampled, failures, len({k for k in keys if k[0] >= 0}))
-
-    def _moe_group(self, name: str, tokens: list[int]) -> MoEGroup:
-        entry = self.adapters.get(name)
-        w = entry.weights
-        return MoEGroup(torch.tensor(tokens, dtype=torch.long), w, entry.row_start + w.attn_rank)
 
     @staticmethod
-    def _plans(seg_indptr: list[int], seg_keys: list[tuple], family: int) -> dict:
-        """Per module name, the family's segment plan over the adapters that target it: an adapter
-        pays only for its own modules, and base or other-family segments carry no delta."""
+    def _plans(seg_indptr: list[int], seg_keys: list[tuple], space: int) -> dict:
+        """Per module name, the space's segment plan over the adapters that target it: an adapter
+        pays only for its own modules, and base or other-space segments carry no delta."""
         plans, built = {}, {}
         for module in ADAPTER_MODULES:
-            rows = tuple(k[1] if k[0] == family and module in k[3] else -1 for k in seg_keys)
+            rows = tuple(k[1] if k[0] == space and module in k[3] else -1 for k in seg_keys)
             if all(r < 0 for r in rows):
                 continue
             ranks = tuple(k[2] if r >= 0 else 0 for k, r in zip(seg_keys, rows))
@@ -151,6 +168,27 @@ class ModelRunner:
                 built[(rows, ranks)] = make_lora_plan(seg_indptr, rows, ranks)
             plans[module] = built[(rows, ranks)]
         return plans
+
+    # -- forward and sample ----------------------------------------------------------------------
+    def forward(self, layout: StepLayout, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(torch.tensor(layout.input_ids, dtype=torch.long), torch.tensor(layout.positions, dtype=torch.long), ctx)
+
+    def sample(self, scheduled: list[ScheduledSeq], layout: StepLayout, hidden: torch.Tensor) -> StepResult:
+        sampled: list[int | None] = [None] * len(scheduled)
+        failures: dict[int, str] = {}
+        if layout.sample_rows:
+            last_hidden = hidden[torch.tensor([r for _, r in layout.sample_rows])]
+            # finite hidden states give finite logits (base weights are finite, the state is normalised)
+            finite = torch.isfinite(last_hidden).all(dim=-1).tolist()
+            logits = self.model.compute_logits(last_hidden)
+            seqs = [scheduled[i].seq for i, _ in layout.sample_rows]
+            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs], finite)
+            for row, ((i, _), tok) in enumerate(zip(layout.sample_rows, tokens)):
+                if row in failed_rows:
+                    failures[i] = failed_rows[row]
+                else:
+                    sampled[i] = tok
+        return StepResult(sampled, failures, layout.num_adapters)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

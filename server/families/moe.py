@@ -23,13 +23,15 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from kernels import make_lora_plan
+from server.families.base import Family
 from server.lora.config_schema import MixLoraConfig, brief
-from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, AdapterError, cast_weight, load_tensors, module_dims, parse_adapter_config
+from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, AdapterError, cast_weight, load_tensors, parse_adapter_config
+from server.models.modules import ATTN_MODULES, MLP_MODULES, module_dims
 from server.models.config import ModelConfig
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 # [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
 _EXPERT = re.compile(r"^mixlora\.layers\.([0-9]{1,9})\.mlp\.(gate_proj|up_proj|down_proj)\.experts\.([0-9]{1,9})\.lora_([AB])\.weight$")
 _ATTN = re.compile(r"^mixlora\.layers\.([0-9]{1,9})\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])\.weight$")
@@ -50,10 +52,23 @@ class MoELoraWeights:
     attn: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (A, B)
     experts: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     family = "moe-lora"
+    space = "lora"  # attention LoRA rows, then each expert's rows (server.families.lora)
 
     @property
     def units(self) -> int:
         return self.attn_rank + self.num_experts * self.expert_rank
+
+    @property
+    def plan_units(self) -> int:
+        """The step plan drives the attention LoRA only; experts are routed per layer (ExpertsStep)."""
+        return self.attn_rank
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(module for _, module in self.attn)
+
+    def module_units(self) -> dict[str, int]:
+        return {m: self.expert_rank if m in MLP_MODULES else self.attn_rank for _, m in self.modules}
 
     @property
     def modules(self) -> set[tuple[int, str]]:
@@ -65,7 +80,7 @@ class MoELoraWeights:
         return sum(t.nbytes for t in tensors)
 
     def write_into(self, pools: dict[str, torch.Tensor], layer: int, module: str, start: int, dtype: torch.dtype) -> None:
-        if module in ATTN:
+        if module in ATTN_MODULES:
             a, b = self.attn[(layer, module)]
             blocks = [(start, a, b)]
         else:
@@ -150,3 +165,58 @@ def parse_mixlora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dt
     if not out.experts:
         raise AdapterError(f"{name}: no expert weights")
     return out
+
+
+class ExpertsStep:
+    """One routed-experts adapter in one step: after each layer's MLP, its tokens' outputs become
+    Σ_e p_e · expert_e(h).
+
+    Each (token, chosen expert) becomes a row; rows are sorted by expert so one segmented LoRA call
+    per projection serves every expert. The base gate/up GEMMs are reused from `gate_up`."""
+
+    def __init__(self, weights: MoELoraWeights, tokens: torch.Tensor, expert_row_start: int):
+        self.weights, self.tokens = weights, tokens  # tokens: (n,) positions in the flat batch
+        self.expert_row_start = expert_row_start  # expert e owns LoRA rows [start + e·r, start + (e+1)·r) of the MLP pools
+
+    def after_mlp(self, layer, h: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        w = self.weights
+        if layer.layer_idx not in w.routers:
+            return  # no experts in this layer: the base MLP stands
+        tok = self.tokens
+        experts, probs = w.route(layer.layer_idx, h[tok])  # (n, k)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = tok.repeat_interleave(experts.shape[1])[order]
+        row_p = probs.reshape(-1)[order].to(h.dtype)
+        counts = torch.bincount(flat, minlength=w.num_experts).tolist()
+        indptr = [0]
+        for c in counts:
+            indptr.append(indptr[-1] + c)
+        r = w.expert_rank
+        plan = make_lora_plan(indptr, [self.expert_row_start + e * r for e in range(w.num_experts)], [r] * w.num_experts)
+        hr = h[rows]
+        gu = gate_up[rows]  # base (these tokens get no MLP delta from the step plan)
+        gate_up_proj, down_proj = layer.gate_up_proj, layer.down_proj
+        for slot in gate_up_proj.slots.values():
+            if "lora_a" in slot.pools:
+                gate_up_proj.kernels.sgmv_lora(gu[:, slot.out_start : slot.out_end], hr, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+        g, u = gu.split(layer.intermediate_size, dim=-1)
+        act = F.silu(g) * u
+        down = down_proj.base(act)
+        slot = down_proj.slots["down_proj"]
+        if "lora_a" in slot.pools:
+            down_proj.kernels.sgmv_lora(down, act, slot.pools["lora_a"], slot.pools["lora_b"], plan)
+        out.index_fill_(0, tok, 0)
+        out.index_add_(0, rows, down * row_p.unsqueeze(1))
+
+
+def _step_hook(entry, tokens: torch.Tensor) -> ExpertsStep:
+    w = entry.weights
+    return ExpertsStep(w, tokens, entry.row_start + w.attn_rank)
+
+
+FAMILY = Family(
+    "moe-lora", lambda tag: tag.names("moe-lora", "MIXLORA"),
+    lambda files, name, ctx: parse_mixlora(files, name, ctx.model_cfg, ctx.dtype, ctx.max_rank),
+    step_hook=_step_hook,
+)

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.families.base import Family
 from server.lora.config_schema import RecLoraConfig, brief
 from server.lora.peft import (
-    CONFIG_FILE, SUPPORTED_MODULES, WEIGHTS_FILE, AdapterError, LoraWeights, cast_weight, load_tensors, module_dims,
+    CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraWeights, cast_weight, load_tensors,
     parse_adapter_config, peak_abs,
 )
 from server.models.config import ModelConfig
+from server.models.modules import ADAPTER_MODULES, module_dims
 
 # [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
 _KEY = re.compile(r"^model\.layers\.([0-9]{1,9})\.(self_attn|mlp)\.(\w+)\.reclora_([AB])$")
@@ -51,6 +53,13 @@ class RecLoraBank:
     @property
     def num_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+    def module_units(self) -> dict[str, int]:
+        return {module: self.rank for _, module in self.modules}
+
+    def personalize(self, name: str, state: dict | None, dtype: torch.dtype) -> LoraWeights:
+        """The adapter for a user with this stored state (None: unknown, uniform), as LoRA rows named `name`."""
+        return self.materialize(name, self.user_weights(state), dtype)
 
     def user_weights(self, state: dict | None) -> torch.Tensor:
         """Mixing weights (K,) for a user's stored state ({"weights": [K numbers]} or {"vector": [U numbers]});
@@ -112,7 +121,7 @@ def parse_reclora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, ma
         if m is None:
             raise AdapterError(f"{name}: unexpected tensor {brief(key)}")
         layer, module, which = int(m.group(1)), m.group(3), m.group(4)
-        if module not in SUPPORTED_MODULES or layer >= model_cfg.num_layers:
+        if module not in ADAPTER_MODULES or layer >= model_cfg.num_layers:
             raise AdapterError(f"{name}: {key} names no module of the base model")
         pair = pairs.setdefault((layer, module), {})
         if which in pair:  # "layers.1" and "layers.01" both name layer 1: which one would be served?
@@ -145,3 +154,10 @@ def parse_reclora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, ma
             raise AdapterError(f"{name}: gate shapes do not chain: {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)}")
         bank.gate = (w1, b1, w2, b2)
     return bank
+
+
+FAMILY = Family(
+    "reclora", lambda tag: tag.names("reclora", "RECLORA"),
+    lambda files, name, ctx: parse_reclora(files, name, ctx.model_cfg, ctx.max_rank),
+    per_user=True,
+)

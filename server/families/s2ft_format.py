@@ -39,12 +39,11 @@ from safetensors.torch import save as safetensors_save
 
 from server.lora.config_schema import S2FTConfig, brief
 from server.lora.peft import AdapterError, load_tensors, parse_adapter_config
+from server.models.modules import ADAPTER_MODULES, module_parent, module_path
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPE, FAMILY, FORMAT_VERSION = "S2FT", "s2ft", 1
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-S2FT_MODULES = ATTN_MODULES + MLP_MODULES
+S2FT_MODULES = ADAPTER_MODULES
 
 # layer numbers without leading zeros, so one module cannot be spelled twice, and short enough for int()
 _KEY = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.(self_attn|mlp)\.(\w+)\.s2_(row|col)_(indices|delta)$")
@@ -68,15 +67,11 @@ class S2FTModuleDelta:
         return self.delta.nbytes + self.indices.numel() * 4  # indices are stored as int32
 
 
-def _parent(module: str) -> str:
-    return "self_attn" if module in ATTN_MODULES else "mlp"
-
-
 def s2ft_key(layer: int, module: str) -> str:
     """``model.layers.{layer}.self_attn.v_proj`` / ``model.layers.{layer}.mlp.down_proj``."""
     if module not in S2FT_MODULES:
         raise ValueError(f"unknown S2FT module {module!r} (supported: {', '.join(S2FT_MODULES)})")
-    return f"model.layers.{int(layer)}.{_parent(module)}.{module}"
+    return module_path(int(layer), module)
 
 
 def _check_indices(idx: torch.Tensor, what: str) -> None:
@@ -168,8 +163,8 @@ def parse_s2ft_files(
         layer, parent, module, kind, part = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
         if module not in S2FT_MODULES:
             raise AdapterError(f"{name}: {key}: module {module!r} is not supported (supported: {', '.join(S2FT_MODULES)})")
-        if parent != _parent(module):
-            raise AdapterError(f"{name}: {key}: {module} belongs under {_parent(module)}, not {parent}")
+        if parent != module_parent(module):
+            raise AdapterError(f"{name}: {key}: {module} belongs under {module_parent(module)}, not {parent}")
         if layer >= num_layers:
             raise AdapterError(f"{name}: {key} addresses layer {layer} but the base model has {num_layers} layers")
         parts.setdefault((layer, module), {})[(kind, part)] = tensor

@@ -41,11 +41,11 @@ from safetensors.torch import save as safetensors_save
 
 from adapters_store import AdapterManifest
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, LoraWeights
+from server.models.modules import module_path
 
 GENERATOR_PREFIX = "sg-lora/"
 TEMPERATURE = 0.1
 SIMILARITY_DECIMALS = 6
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class GenerationError(ValueError):
@@ -112,10 +112,6 @@ class Generator(Protocol):
         ...
 
 
-def _module_path(layer: int, module: str) -> str:
-    return f"model.layers.{layer}.{'mlp' if module in _MLP else 'self_attn'}.{module}"
-
-
 def fused_ranks(experts: list[LoraWeights]) -> dict[tuple[int, str], int]:
     """(layer, module) -> rank of the rank-stacked fusion: the sum of the experts' ranks there."""
     out: dict[tuple[int, str], int] = {}
@@ -146,7 +142,7 @@ def peft_lora_files(
         if num_layers is not None and layers == list(range(num_layers)):
             targets.append(module)
         else:
-            targets.extend(_module_path(layer, module) for layer in layers)
+            targets.extend(module_path(layer, module) for layer in layers)
         module_ranks = {ranks[(layer, module)] for layer in layers}
         if len(module_ranks) == 1:
             (r,) = module_ranks
@@ -155,7 +151,7 @@ def peft_lora_files(
         else:
             for layer in layers:
                 if ranks[(layer, module)] != default_r:
-                    rank_pattern[_module_path(layer, module)] = ranks[(layer, module)]
+                    rank_pattern[module_path(layer, module)] = ranks[(layer, module)]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -176,7 +172,7 @@ def peft_lora_files(
     }
     tensors: dict[str, torch.Tensor] = {}
     for (layer, module), (a, b) in sorted(modules.items()):
-        prefix = f"base_model.model.{_module_path(layer, module)}"
+        prefix = f"base_model.model.{module_path(layer, module)}"
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
     tensors = dict(sorted(tensors.items()))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,15 +20,6 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
-class MoEGroup:
-    """The tokens of one routed-experts adapter in this step."""
-
-    tokens: torch.Tensor  # [n] positions in the flat batch
-    weights: object  # MoELoraWeights: routers and routing rule
-    expert_row_start: int  # expert e owns LoRA rows [start + e·r, start + (e+1)·r) of the MLP pools
-
-
-@dataclass(slots=True)
 class ForwardContext:
     """Everything a forward pass needs besides token ids and positions.
 
@@ -39,7 +31,8 @@ class ForwardContext:
     decode_block_tables: torch.Tensor | None  # [B_dec, max_blocks] int64
     decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
-    # module name -> segment plan over the adapters that target that module (absent: none does)
-    lora_plans: dict[str, LoraPlan] = field(default_factory=dict)
-    s2ft_plans: dict[str, LoraPlan] = field(default_factory=dict)  # the same form over S²FT entries
-    moe: list[MoEGroup] = field(default_factory=list)  # routed-experts adapters in this step
+    # pool space -> module name -> segment plan over the adapters of that space that target the
+    # module (absent: none does); each space applies itself in AdaptedLinear (server.families.base.PoolSpace)
+    plans: dict[Any, dict[str, LoraPlan]] = field(default_factory=dict)
+    # per-step work of adapters beyond the plans, called by every decoder layer (server.families.base.StepHook)
+    hooks: list[Any] = field(default_factory=list)

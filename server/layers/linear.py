@@ -1,4 +1,4 @@
-"""Linear layers whose output slices can carry per-token adapter deltas (LoRA, S²FT).
+"""Linear layers whose output slices can carry per-token adapter deltas (each pool space applies its own).
 
 A projection may fuse several logical modules (q/k/v, gate/up) into one GEMM; each logical module
 owns its adapter row pools and adds its delta into its own slice of the output.
@@ -14,12 +14,9 @@ from server.layers.context import ForwardContext
 
 
 class AdapterSlot:
-    """The adapter pools of one logical module (e.g. layer 3 `v_proj`), by pool name:
-
-    LoRA (`kernels.lora`): `lora_a (N, d_in)`, `lora_b (N, d_out)` — Bᵀ rows with the scale folded in.
-    S²FT (`kernels.s2ft`): `s2_col_idx (M,)`, `s2_col_w (M, d_out)`, `s2_row_idx (M,)`, `s2_row_w (M, d_in)`.
-    A family's pools exist once some resident adapter of that family targets the module.
-    """
+    """The adapter pools of one logical module (e.g. layer 3 `v_proj`), by pool name. Each pool space
+    (server.families: LoRA rank-rows, S²FT entries, ...) names its own pools; they exist once some
+    resident adapter of that space targets the module."""
 
     __slots__ = ("name", "d_in", "d_out", "out_start", "out_end", "pools")
 
@@ -70,17 +67,15 @@ class AdaptedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = self.base(x)
-        if not ctx.lora_plans and not ctx.s2ft_plans:
+        if not ctx.plans:
             return y
         for slot in self.active:
-            lora, s2ft = ctx.lora_plans.get(slot.name), ctx.s2ft_plans.get(slot.name)
-            if lora is None and s2ft is None:
-                continue  # no adapter in this step targets this module
-            out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
-            p, k = slot.pools, self.kernels
-            if lora is not None and "lora_a" in p:
-                k.sgmv_lora(out, x, p["lora_a"], p["lora_b"], lora)
-            if s2ft is not None and "s2_col_w" in p:
-                k.s2ft_col(out, x, p["s2_col_idx"], p["s2_col_w"], s2ft)
-                k.s2ft_row(out, x, p["s2_row_idx"], p["s2_row_w"], s2ft)
+            out = None
+            for space, plans in ctx.plans.items():
+                plan = plans.get(slot.name)
+                if plan is None or not space.has_pools(slot.pools):
+                    continue  # no adapter of this space in the step targets this module
+                if out is None:
+                    out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
+                space.apply(out, x, slot, plan, self)
         return y

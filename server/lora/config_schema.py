@@ -56,6 +56,11 @@ class FamilyTag(_Config):
 
     peft_type: Tag = Field("LORA", description="a string such as 'LORA'")
     hotswap_family: Tag | None = Field(None, description="a string naming a hotswap adapter family")
+    use_dora: bool | None = Field(None, description="true or false")
+
+    def names(self, family: str, peft_type: str) -> bool:
+        """An explicit `hotswap_family` decides; else the PEFT type does."""
+        return self.hotswap_family == family if self.hotswap_family is not None else self.peft_type == peft_type
 
 
 class LoraConfig(_Config):

@@ -1,9 +1,9 @@
 """Device-resident adapters: where each one's units sit in the per-module pools, within a byte budget.
 
-Each family has a *pool space*: LoRA's unit is a rank-row (`lora_a`/`lora_b` rows), S²FT's an
-entry (one selected row or column with its index). An adapter owns the same unit range
-[start, start + units) in every pool of its space, zero where it does not target a module, so one
-per-step plan (segments -> start, units) serves all modules of that family.
+Adapters live in *pool spaces* (server.families.registry.SPACES): LoRA's unit is a rank-row
+(`lora_a`/`lora_b` rows), S²FT's an entry (one selected row or column with its index). An adapter
+owns the same unit range [start, start + units) in every pool of its space, zero where it does not
+target a module, so one per-step plan (segments -> start, units) serves all modules of that space.
 
 Residency is budgeted in bytes of pool memory (units x bytes per unit over all pools of the space).
 When a new adapter does not fit, the least recently used adapter that no running sequence uses and
@@ -17,13 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from server.families.registry import FAMILIES, SPACES
 from server.layers.linear import AdaptedLinear, AdapterSlot
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-
-FAMILIES = ("lora", "s2ft")  # pool spaces, in the order tokens are grouped within a step
-SPACE_OF = {"lora": "lora", "moe-lora": "lora", "s2ft": "s2ft"}  # routed experts are LoRA rows too
 
 
 class AdapterTooLarge(ValueError):
@@ -38,10 +36,12 @@ class AdapterTooLarge(ValueError):
 class ResidentAdapter:
     name: str
     family: str
-    row_start: int  # first unit in its family's pools
+    space: str  # the pool space its units are in
+    row_start: int  # first unit in its space's pools
     rank: int  # units it owns (LoRA: max rank; S²FT: max entries per module)
+    plan_units: int  # units the step plan drives from row_start (routed experts: the attention LoRA's)
     num_bytes: int  # of the adapter's own weights
-    weights: object = None  # kept for families the forward pass consults (the routers of moe-lora)
+    weights: object = None  # kept for families with a per-step hook (the routers of routed experts)
     targets: frozenset = frozenset()  # module names the step plan must visit for it
     active: int = 0  # sequences admitted with it
     pinned: bool = False
@@ -77,22 +77,11 @@ class RowAllocator:
         self.capacity = new_capacity
 
 
-def _lora_pools(slot: AdapterSlot, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {"lora_a": ((slot.d_in,), dtype), "lora_b": ((slot.d_out,), dtype)}
+class SpacePools:
+    """One pool space's pools over every module, and the allocator of their unit ranges."""
 
-
-def _s2ft_pools(slot: AdapterSlot, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {
-        "s2_col_idx": ((), torch.long), "s2_col_w": ((slot.d_out,), dtype),
-        "s2_row_idx": ((), torch.long), "s2_row_w": ((slot.d_in,), dtype),
-    }  # fmt: skip
-
-
-class PoolSpace:
-    """One family's pools over every module, and the allocator of their unit ranges."""
-
-    def __init__(self, family: str, specs, dtype: torch.dtype, initial: int):
-        self.family, self.specs, self.dtype = family, specs, dtype
+    def __init__(self, space, dtype: torch.dtype, initial: int):
+        self.space, self.name, self.dtype = space, space.name, dtype
         self.units = RowAllocator(initial)
         self.pooled: list[AdapterSlot] = []  # slots that have this family's pools
         self.unit_bytes = 0  # bytes one unit costs over every pool of the space (kept, not recomputed per step)
@@ -100,7 +89,7 @@ class PoolSpace:
 
     def ensure_pools(self, slot: AdapterSlot, owner: AdaptedLinear) -> None:
         if slot not in self.pooled:
-            for name, (tail, dtype) in self.specs(slot, self.dtype).items():
+            for name, (tail, dtype) in self.space.pools(slot.d_in, slot.d_out, self.dtype).items():
                 slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype)
                 self.unit_bytes += slot.pools[name][0].nbytes
             self.pooled.append(slot)
@@ -108,13 +97,13 @@ class PoolSpace:
 
     def clear(self, start: int, n: int) -> None:
         for slot in self.pooled:
-            for name in self.specs(slot, self.dtype):
+            for name in self.space.pools(slot.d_in, slot.d_out, self.dtype):
                 slot.pools[name][start : start + n] = 0
 
     def grow(self, capacity: int) -> None:
-        log.info("growing %s adapter pools from %d to %d units", self.family, self.units.capacity, capacity)
+        log.info("growing %s adapter pools from %d to %d units", self.name, self.units.capacity, capacity)
         for slot in self.pooled:
-            for name in self.specs(slot, self.dtype):
+            for name in self.space.pools(slot.d_in, slot.d_out, self.dtype):
                 old = slot.pools[name]
                 new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
                 new[: old.shape[0]] = old
@@ -129,10 +118,7 @@ class AdapterManager:
         self.budget_bytes = budget_bytes  # None: grow without limit
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
-        self.spaces = {
-            "lora": PoolSpace("lora", _lora_pools, self.dtype, initial_units),
-            "s2ft": PoolSpace("s2ft", _s2ft_pools, self.dtype, initial_units),
-        }
+        self.spaces = {name: SpacePools(space, self.dtype, initial_units) for name, space in SPACES.items()}
         self.evictions = self.hits = self.misses = 0
 
     # -- queries ---------------------------------------------------------------------------
@@ -155,12 +141,12 @@ class AdapterManager:
     # -- residency -------------------------------------------------------------------------
     def ensure_resident(self, weights) -> ResidentAdapter | None:
         """Place the adapter in its family's pools if it is not there, evicting idle ones to fit;
-        None if it cannot fit now. `weights`: LoraWeights or S2FTWeights (name, family, units, modules, write_into)."""
+        None if it cannot fit now. `weights`: what a family parses (server.families.base.AdapterWeights)."""
         entry = self.resident.get(weights.name)
         if entry is not None:
             self.touch(weights.name)
             return entry
-        space = self.spaces[SPACE_OF[weights.family]]
+        space = self.spaces[weights.space]
         for layer, module in weights.modules:  # new pools first: they change what a unit costs
             lin = self._targets[layer][module]
             space.ensure_pools(lin.slots[module], lin)
@@ -182,9 +168,9 @@ class AdapterManager:
             space.clear(start, weights.units)
             space.units.release(start, weights.units)
             raise
-        moe = weights.family == "moe-lora"  # experts are routed per layer; the step plan carries its attention LoRA
-        targets = frozenset(m for _, m in (weights.attn if moe else weights.modules))
-        entry = ResidentAdapter(weights.name, weights.family, start, weights.units, weights.num_bytes, weights if moe else None, targets)
+        hooked = FAMILIES[weights.family].step_hook is not None  # its hook consults the weights every step
+        entry = ResidentAdapter(weights.name, weights.family, weights.space, start, weights.units, weights.plan_units, weights.num_bytes,
+                                weights if hooked else None, weights.targets)  # fmt: skip
         self.resident[weights.name] = entry
         space.resident_units += weights.units
         self.misses += 1
@@ -225,7 +211,7 @@ class AdapterManager:
         if entry.active:
             return False
         del self.resident[name]
-        space = self.spaces[SPACE_OF[entry.family]]
+        space = self.spaces[entry.space]
         space.units.release(entry.row_start, entry.rank)
         space.resident_units -= entry.rank
         return True
@@ -240,7 +226,7 @@ class AdapterManager:
                 return True
         return False
 
-    def _allocate(self, space: PoolSpace, units: int) -> int | None:
+    def _allocate(self, space: SpacePools, units: int) -> int | None:
         alloc = space.units
         while (start := alloc.allocate(units)) is None:
             limit = None if self.budget_bytes is None else self.budget_bytes // max(1, space.unit_bytes)

@@ -19,10 +19,12 @@ from safetensors.torch import load as safetensors_load
 
 from server.lora.config_schema import LoraConfig, brief, explain
 from server.models.config import ModelConfig
+from server.models.modules import ADAPTER_MODULES, module_dims, module_path  # module_dims: re-exported for older importers
 
-SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # [0-9]{1,9}, not \d+: int() of a Unicode digit or of thousands of digits must never be reached
 _KEY = re.compile(r"(?:^|\.)layers\.([0-9]{1,9})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# DoRA (use_dora): one magnitude per output channel of each adapted module
+_MAGNITUDE = re.compile(r"(?:^|\.)layers\.([0-9]{1,9})\.(?:self_attn|mlp)\.(\w+)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -37,16 +39,34 @@ class LoraWeights:
     rank: int  # the largest rank over its modules: rows it takes in the pools
     # (layer, module) -> (A (r, d_in), B (d_out, r), scale)
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    # DoRA only (read with dora=True): (layer, module) -> magnitude m (d_out,), float32
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     family = "lora"
+    space = "lora"  # rank-rows of the LoRA pools (server.families.lora)
 
     @property
     def units(self) -> int:
         return self.rank
 
     @property
+    def plan_units(self) -> int:
+        return self.rank
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(module for _, module in self.modules)
+
+    @property
     def num_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
+
+    def module_units(self) -> dict[str, int]:
+        """module -> its largest rank over layers."""
+        out: dict[str, int] = {}
+        for (_, module), (a, _, _) in self.modules.items():
+            out[module] = max(out.get(module, 0), a.shape[0])
+        return out
 
     def write_into(self, pools: dict[str, torch.Tensor], layer: int, module: str, start: int, dtype: torch.dtype) -> None:
         """Place this module's A rows and scaled Bᵀ rows at [start, start + r) of the LoRA pools."""
@@ -54,16 +74,6 @@ class LoraWeights:
         r = a.shape[0]
         pools["lora_a"][start : start + r] = a
         pools["lora_b"][start : start + r] = (b.float().T * scale).to(dtype)
-
-
-def module_dims(cfg: ModelConfig, module: str) -> tuple[int, int]:
-    """(d_in, d_out) of a logical module of the base model."""
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {
-        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-        "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d),
-    }[module]
 
 
 # RE2 matches in linear time whatever the pattern. 64 KiB of program and DFA cache per pattern is
@@ -170,15 +180,17 @@ def load_peft_lora(path: Path, name: str, model_cfg: ModelConfig, dtype: torch.d
     return parse_peft_lora(read_adapter_files(path, name), name, model_cfg, dtype, max_rank)
 
 
-def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int) -> LoraWeights:
-    """Validate PEFT LoRA files against the base model and return its weights (A, B, scale per module)."""
+def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dtype: torch.dtype, max_rank: int, *, dora: bool = False) -> LoraWeights:
+    """Validate PEFT LoRA files against the base model and return its weights (A, B, scale per module).
+    With `dora`, the files must be a DoRA adapter (use_dora) and its magnitude vectors are read too;
+    without, a DoRA adapter is refused (its math is not plain LoRA's)."""
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise AdapterError(f"{name}: a LoRA adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg = parse_adapter_config(files[CONFIG_FILE], name, LoraConfig, max_rank)
     if cfg.peft_type != "LORA":
         raise AdapterError(f"{name}: peft_type {cfg.peft_type!r} is not a LoRA adapter")
-    if cfg.use_dora:
-        raise AdapterError(f"{name}: DoRA adapters are not supported yet")
+    if bool(cfg.use_dora) != dora:
+        raise AdapterError(f"{name}: a DoRA adapter (use_dora) is not a plain LoRA" if cfg.use_dora else f"{name}: not a DoRA adapter (use_dora is not set)")
     if cfg.bias != "none":
         raise AdapterError(f"{name}: adapters that train biases (bias={cfg.bias!r}) are not supported")
     if cfg.modules_to_save:
@@ -188,13 +200,20 @@ def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, 
     tensors = load_tensors(files[WEIGHTS_FILE], name)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
+        if dora and (m := _MAGNITUDE.search(key)):
+            slot = (int(m.group(1)), m.group(2))
+            if slot in magnitudes:
+                raise AdapterError(f"{name}: two tensors hold the magnitude of layer {slot[0]} {slot[1]} (the second is {brief(key)})")
+            magnitudes[slot] = tensor
+            continue
         m = _KEY.search(key)
         if m is None:
             raise AdapterError(f"{name}: unexpected tensor {brief(key)} (only LoRA A/B weights of decoder layers are served)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        if module not in SUPPORTED_MODULES:
-            raise AdapterError(f"{name}: target module {brief(module)} is not supported (supported: {', '.join(SUPPORTED_MODULES)})")
+        if module not in ADAPTER_MODULES:
+            raise AdapterError(f"{name}: target module {brief(module)} is not supported (supported: {', '.join(ADAPTER_MODULES)})")
         if layer >= model_cfg.num_layers:
             raise AdapterError(f"{name}: {brief(key)} addresses layer {layer} but the base model has {model_cfg.num_layers}")
         pair = pairs.setdefault((layer, module), {})
@@ -220,7 +239,7 @@ def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, 
             )
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} exceeds --max-lora-rank {max_rank}")
-        module_key = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        module_key = module_path(layer, module)
         declared_r = _pattern_value(rank_pattern, module_key, cfg.r)
         if declared_r != r:
             raise AdapterError(f"{name}: layer {layer} {module} has rank {r} but the config declares {declared_r}")
@@ -229,4 +248,13 @@ def parse_peft_lora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, 
         what = f"{name}: layer {layer} {module}"
         out.modules[(layer, module)] = (cast_weight(a, dtype, f"{what} lora_A"), cast_weight(b, dtype, f"{what} lora_B", scale), float(scale))
         out.rank = max(out.rank, r)
+        if dora:
+            mag = magnitudes.pop((layer, module), None)
+            if mag is None or not mag.is_floating_point() or tuple(mag.shape) != (d_out,):
+                got = "none" if mag is None else f"{mag.dtype} {tuple(mag.shape)}"
+                raise AdapterError(f"{what}: a DoRA module needs a floating point lora_magnitude_vector ({d_out},), got {got}")
+            out.magnitudes[(layer, module)] = cast_weight(mag, torch.float32, f"{what} lora_magnitude_vector")
+    if magnitudes:
+        layer, module = next(iter(magnitudes))
+        raise AdapterError(f"{name}: layer {layer} {module} has a lora_magnitude_vector but no lora_A/lora_B")
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import make_lora_plan
 from kernels.quant import Int8Weight, int8_linear
 from server.layers.attention import PagedAttention
 from server.layers.context import ForwardContext
@@ -16,7 +15,6 @@ from server.layers.linear import AdaptedLinear
 from server.layers.rotary import RotaryEmbedding
 from server.models.config import ModelConfig
 
-ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class RMSNorm(torch.nn.Module):
@@ -63,44 +61,9 @@ class DecoderLayer(torch.nn.Module):
         gate_up = self.gate_up_proj(h, ctx)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         out = self.down_proj(F.silu(gate) * up, ctx)
-        for group in ctx.moe:
-            self._routed_experts(h, gate_up, out, group)
+        for hook in ctx.hooks:  # adapters with per-step work of their own (routed experts)
+            hook.after_mlp(self, h, gate_up, out)
         return x + out
-
-    def _routed_experts(self, h: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor, group) -> None:
-        """Replace the MLP output of a routed-experts adapter's tokens by Σ_e p_e · expert_e(h).
-
-        Each (token, chosen expert) becomes a row; rows are sorted by expert so one segmented LoRA
-        call per projection serves every expert. The base gate/up GEMMs are reused from `gate_up`.
-        """
-        w = group.weights
-        if self.layer_idx not in w.routers:
-            return  # no experts in this layer: the base MLP stands
-        tok = group.tokens
-        experts, probs = w.route(self.layer_idx, h[tok])  # (n, k)
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        rows = tok.repeat_interleave(experts.shape[1])[order]
-        row_p = probs.reshape(-1)[order].to(h.dtype)
-        counts = torch.bincount(flat, minlength=w.num_experts).tolist()
-        indptr = [0]
-        for c in counts:
-            indptr.append(indptr[-1] + c)
-        r = w.expert_rank
-        plan = make_lora_plan(indptr, [group.expert_row_start + e * r for e in range(w.num_experts)], [r] * w.num_experts)
-        hr = h[rows]
-        gu = gate_up[rows]  # base (these tokens get no MLP delta from the step plan)
-        for slot in self.gate_up_proj.slots.values():
-            if "lora_a" in slot.pools:
-                self.gate_up_proj.kernels.sgmv_lora(gu[:, slot.out_start : slot.out_end], hr, slot.pools["lora_a"], slot.pools["lora_b"], plan)
-        g, u = gu.split(self.intermediate_size, dim=-1)
-        act = F.silu(g) * u
-        down = self.down_proj.base(act)
-        slot = self.down_proj.slots["down_proj"]
-        if "lora_a" in slot.pools:
-            self.down_proj.kernels.sgmv_lora(down, act, slot.pools["lora_a"], slot.pools["lora_b"], plan)
-        out.index_fill_(0, tok, 0)
-        out.index_add_(0, rows, down * row_p.unsqueeze(1))
 
     def linears(self) -> tuple[AdaptedLinear, ...]:
         return (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
@@ -126,6 +89,13 @@ class LlamaForCausalLM(torch.nn.Module):
         # Set by server.models.quantize: int8 per-row tables (tied models share one).
         self.embed_quant: Int8Weight | None = None
         self.lm_head_quant: Int8Weight | None = None
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """A logical module's base weight (d_out, d_in) in float32, dequantized if the base is quantized."""
+        lin = self.layers[layer].adapter_targets()[module]
+        slot = lin.slots[module]
+        weight = lin.weight if lin.quant is None else lin.quant.dequantize()
+        return weight[slot.out_start : slot.out_end].float()
 
     def use_kernels(self, kernels) -> None:
         """Route every adapter delta through `kernels` (a kernels.dispatch.KernelSet)."""

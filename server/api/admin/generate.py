@@ -22,7 +22,6 @@ from adapters_store import AdapterNotFound, CorruptObject, InvalidName, validate
 from server.api.admin.routes import _admin, _manifest_json, _store
 from server.api.errors import APIError, unavailable
 from server.validation import StrictModel, Text
-from server.families.detect import module_units, parse_adapter
 from server.families.sglora import GenerationError, RankOverflow, is_generated, make_generator, provenance, select_experts
 from server.families.text_encoder import EncoderUnavailable, default_encoder
 from server.lora.peft import AdapterError, parse_peft_lora
@@ -136,7 +135,7 @@ async def generate_adapter(body: GenerateRequest, request: Request):
             for e, files in zip(chosen, files_list)
         ]
         files = generator.generate(experts, [e.weight for e in chosen], body.seed)
-        weights = parse_adapter(files, f"{tenant}/{name}", engine.model.config, engine.model.dtype, max_rank, "lora")
+        weights = engine.parse_adapter(files, f"{tenant}/{name}", "lora")
         return files, weights
 
     try:
@@ -148,7 +147,7 @@ async def generate_adapter(body: GenerateRequest, request: Request):
     except AdapterError as e:
         raise APIError(400, str(e), code="invalid_adapter") from None
 
-    ranks = module_units(weights)
+    ranks = weights.module_units()
     record = provenance(generator, body.description, body.seed, chosen, encoder.name, body.top_k, len(candidates))
     manifest = await _store(state.registry.publish(
         tenant, name, files, family="lora", base_model=service.base_model, ranks=ranks, target_modules=sorted(ranks),

@@ -18,7 +18,7 @@ from server.adapters.service import device_key
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large, unavailable
 from server.validation import StrictModel, Text
-from server.families.detect import FAMILIES, module_units, parse_adapter
+from server.families.registry import FAMILIES
 from server.lora.manager import AdapterTooLarge
 from server.lora.peft import AdapterError
 
@@ -104,7 +104,7 @@ async def upload_adapter(request: Request):
         raise APIError(400, "the form needs the fields `tenant` and `name`", param="tenant" if not tenant else "name")
     family = fields.get("family") or None  # detected from the files when not given
     if family is not None and family not in FAMILIES:
-        raise APIError(400, f"adapter family {family!r} is not supported (supported: {', '.join(FAMILIES)})", param="family")
+        raise APIError(400, f"adapter family {family!r} is not supported (supported: {', '.join(sorted(FAMILIES))})", param="family")
     public = fields.get("public", "false").lower() in ("1", "true", "yes")
     new_version = fields.get("new_version", "false").lower() in ("1", "true", "yes")
 
@@ -120,14 +120,11 @@ async def upload_adapter(request: Request):
             files.update(await asyncio.to_thread(extract_archive, data, filename, limit))  # decompression: off the event loop
         else:
             files[filename.rsplit("/", 1)[-1]] = data
-    engine = state.engine.engine
     try:
-        weights = await asyncio.to_thread(
-            parse_adapter, files, f"{tenant}/{name}", engine.model.config, engine.model.dtype, engine.config.max_lora_rank, family
-        )
+        weights = await asyncio.to_thread(state.engine.engine.parse_adapter, files, f"{tenant}/{name}", family)
     except AdapterError as e:
         raise APIError(400, str(e), code="invalid_adapter") from None
-    ranks = module_units(weights)
+    ranks = weights.module_units()
     manifest = await _store(state.registry.publish(
         tenant, name, {k: files[k] for k in ("adapter_config.json", "adapter_model.safetensors")},
         family=weights.family, base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
@@ -181,8 +178,8 @@ async def pin_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
     m = await _store(service.manifest(tenant, name, fresh=True))
-    if m.family == "reclora":
-        raise APIError(400, f"{tenant}/{name} is a reclora adapter: it is materialised per user on demand, so there is no one device copy to pin",
+    if FAMILIES[m.family].per_user:
+        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: it is materialised per user on demand, so there is no one device copy to pin",
                        code="not_pinnable")  # fmt: skip
     weights = await service.weights(m)
 
@@ -222,8 +219,8 @@ async def put_user_state(tenant: str, name: str, user: str, body: UserState, req
     state = _admin(request)
     service = state.adapter_service
     m = await _store(service.manifest(tenant, name, fresh=True))
-    if m.family != "reclora":
-        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: only reclora adapters have per-user state")
+    if not FAMILIES[m.family].per_user:
+        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: only per-user families ({', '.join(n for n, f in FAMILIES.items() if f.per_user)}) have per-user state")
     values = {k: v for k, v in body.model_dump().items() if v is not None}
     if len(values) != 1:
         raise APIError(400, 'give exactly one of "weights" (one per meta-LoRA) or "vector" (the user embedding)')
