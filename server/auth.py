@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from adapters_store import Registry, StoreUnavailable
-from server.api.errors import APIError, unavailable
+from server import errors
+from server.api.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ async def api_principal(request: Request, admin_key: str | None, registry: Regis
             tenant = await registry.tenant_for_key(token)
         except StoreUnavailable as e:
             log.warning("cannot check an API key: the adapter store is unreachable (%s)", e)
-            raise unavailable("cannot check the API key right now: retry later") from None
+            raise errors.StoreUnavailable("cannot check the API key right now: retry later") from None
         if tenant is not None:
             return Principal(tenant, False)
     if admin_key is None:

@@ -21,10 +21,9 @@ import torch
 
 from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, DiskCache, Registry, StoreUnavailable
 from server.adapters.host_cache import HostCache
-from server.api.errors import APIError, unavailable
+from server import errors
 from server.auth import Principal
 from server.families.registry import family_named
-from server.lora.peft import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,10 @@ def device_key(m: AdapterManifest) -> str:
     return f"{m.tenant}/{m.name}@v{m.version}"
 
 
-def _unavailable(what: str, e: Exception) -> APIError:
+def _unavailable(what: str, e: Exception) -> errors.StoreUnavailable:
     """Tenants learn that the store is down, never where it is: the details go to the log."""
     log.warning("%s: %s", what, e)
-    return unavailable(f"{what}: retry later")
+    return errors.StoreUnavailable(f"{what}: retry later")
 
 
 class AdapterService:
@@ -68,7 +67,6 @@ class AdapterService:
         self._inflight: dict[str, asyncio.Future] = {}
         # (tenant, adapter, user) -> (fetched at, state); least recently used first, at most MAX_CACHED_USERS
         self._user_states: OrderedDict[tuple[str, str, str], tuple[float, dict | None]] = OrderedDict()
-        self.pinned: set[tuple[str, str]] = set()
 
     # -- names -----------------------------------------------------------------------------
     async def manifest(self, tenant: str, name: str, *, fresh: bool = False) -> AdapterManifest:
@@ -93,7 +91,7 @@ class AdapterService:
 
     async def resolve(self, principal: Principal, model: str) -> AdapterManifest:
         """`tenant/name`, or a bare `name` of the caller's own tenant. 404 alike for missing and not allowed."""
-        not_found = APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        not_found = errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
         tenant, sep, name = model.partition("/")
         if not sep:
             if principal.tenant is None:
@@ -110,7 +108,7 @@ class AdapterService:
         if not principal.may_use(m.tenant, m.public):
             raise not_found
         if m.base_model != self.base_model:
-            raise APIError(400, f"adapter `{model}` was made for base model {m.base_model}, this server serves {self.base_model}", param="model")
+            raise errors.InvalidRequest(f"adapter `{model}` was made for base model {m.base_model}, this server serves {self.base_model}", param="model")
         return m
 
     # -- weights ---------------------------------------------------------------------------
@@ -128,8 +126,8 @@ class AdapterService:
         if cached is None:
             try:
                 cached = await asyncio.to_thread(weights.personalize, key, state, self.dtype)
-            except AdapterError as e:  # the user's state does not fit this adapter (length, overflow)
-                raise APIError(400, str(e), param="user") from None
+            except errors.InvalidAdapter as e:  # the user's state does not fit this adapter (length, overflow)
+                raise errors.InvalidRequest(e.message, param="user") from None
             self.host.put(key, cached)
         return key, cached
 
@@ -153,6 +151,16 @@ class AdapterService:
             self._user_states.popitem(last=False)
         return state
 
+    async def check_user_state(self, m: AdapterManifest, state: dict) -> None:
+        """A user's state must fit the adapter (a per-user family; the right length, a gate for vectors)."""
+        if not family_named(m.family).per_user:
+            raise errors.InvalidRequest(f"{m.tenant}/{m.name} is a {m.family} adapter: only adapters made per user have per-user state")
+        bank = await self.weights(m)
+        try:
+            bank.user_weights(state)
+        except errors.InvalidAdapter as e:
+            raise errors.InvalidRequest(e.message) from None
+
     def forget_user(self, tenant: str, name: str, user: str) -> None:
         self._user_states.pop((tenant, name, user), None)
 
@@ -173,9 +181,9 @@ class AdapterService:
             raise _unavailable(f"adapter `{m.tenant}/{m.name}` is not cached and the adapter store is unreachable", e) from None
         except CorruptObject as e:
             log.error("adapter %s/%s: %s", m.tenant, m.name, e)
-            raise unavailable(f"adapter `{m.tenant}/{m.name}` failed its integrity check in the store: retry later", code="adapter_corrupt") from None
-        except AdapterError as e:
-            raise APIError(400, str(e), param="model") from None
+            raise errors.AdapterUnavailable(f"adapter `{m.tenant}/{m.name}` failed its integrity check in the store: retry later") from None
+        except errors.InvalidAdapter as e:
+            raise errors.InvalidAdapter(e.message, param="model") from None
 
     async def _load(self, m: AdapterManifest, key: str):
         t0 = time.perf_counter()

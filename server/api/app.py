@@ -9,17 +9,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import RegistryError
 from server.adapters.service import AdapterService
 from server.api.admin.generate import router as generate_router
 from server.api.admin.routes import router as admin_router
-from server.api.errors import APIError, ErrorBoundary, api_error_handler, http_error_handler, validation_error_handler
+from server.api.errors import APIError, ErrorBoundary, api_error_handler, domain_error_handler, http_error_handler, validation_error_handler
 from server.api.guard import RequestGuard
 from server.api.limits import RequestLimits
 from server.api.openai.routes import router as openai_router
 from server.api.openai.serving import OpenAIServing
 from server.auth import is_admin_request
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import LLMEngine
+from server.engine.client import EngineClient, LLMEngine, RequestFailed
+from server.errors import HotswapError
 from server.metrics import Metrics
 
 
@@ -38,24 +39,26 @@ def build_app(
     metrics = metrics or Metrics()
     if adapter_service is not None:
         adapter_service.metrics = metrics  # the service reports to the app that serves it
-    async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
+    client = EngineClient(engine, on_step=metrics.observe_step)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine.start()
+        client.start()
         yield
-        async_engine.stop()
+        client.stop()
 
     docs = {} if enable_docs or api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="hotswap", lifespan=lifespan, **docs)
     state = app.state
-    state.engine, state.metrics, state.admin_key = async_engine, metrics, api_key
+    state.engine, state.metrics, state.admin_key = client, metrics, api_key
     state.adapter_service = adapter_service
     state.registry = adapter_service.registry if adapter_service else None
     state.limits = limits
     state.draining = False  # set on SIGTERM by the CLI's server: /health says so while requests finish
-    state.serving = OpenAIServing(async_engine, metrics, limits, adapter_service)
+    state.serving = OpenAIServing(client, metrics, limits, adapter_service)
     app.add_exception_handler(APIError, api_error_handler)
+    for domain_error in (HotswapError, RegistryError, RequestFailed):  # mapped to HTTP in one table (server.api.errors)
+        app.add_exception_handler(domain_error, domain_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     # Outermost last: ErrorBoundary wraps RequestGuard, which runs before any route reads a body.
@@ -72,22 +75,15 @@ def build_app(
         if state.draining:
             status = "draining"
         else:
-            status = "ready" if async_engine.healthy else "stopped"
+            status = "ready" if client.healthy else "stopped"
         body: dict = {"status": status}
         if is_admin_request(request, api_key):
-            body |= {
-                "model": engine.model_name,
-                "dtype": engine.config.dtype,
-                "adapters_resident": len(engine.adapters.resident),
-                "registry": adapter_service.registry.store.description if adapter_service else None,
-                "quantization": engine.quantization,
-                "kernels": engine.kernels,
-            }
+            body |= client.describe() | {"registry": adapter_service.registry.store.description if adapter_service else None}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.observe_engine(engine)
+        client.observe(metrics)
         if adapter_service is not None:
             metrics.observe_tiers(adapter_service)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,8 @@
 
 Every error is an ordinary response: nothing is re-raised to the server, so a keep-alive connection
 stays usable after a 4xx or a 500, and no body carries a traceback, an exception's text or a
-store address.
+store address. The domain errors raised below the HTTP layer (`server.errors`, the registry's
+`adapters_store` errors, the engine's `RequestFailed`) get their status here, in one table.
 """
 from __future__ import annotations
 
@@ -16,10 +17,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import adapters_store.errors as store_errors
+from server import errors
+from server.engine.client import RequestFailed
+
 log = logging.getLogger("hotswap.api")
 
-RETRY_AFTER_S = "5"
 UPLOAD_LIMIT_SCOPE_KEY = "hotswap.max_adapter_bytes"  # set by the guard on upload requests
+INVALID, NOT_FOUND, UNAVAILABLE = "invalid_request_error", "not_found_error", "service_unavailable"
+
+# Domain error -> (status, OpenAI error type, code). Subclasses map through their bases.
+STATUS_OF: dict[type[Exception], tuple[int, str, str | None]] = {
+    errors.ModelNotFound: (404, NOT_FOUND, "model_not_found"),
+    errors.InvalidRequest: (400, INVALID, None),
+    errors.InvalidAdapter: (400, INVALID, "invalid_adapter"),
+    errors.AdapterTooLarge: (400, INVALID, "adapter_too_large"),
+    errors.NotPinnable: (400, INVALID, "not_pinnable"),
+    errors.NoRoom: (409, INVALID, "no_room"),
+    errors.Unavailable: (503, UNAVAILABLE, None),
+    errors.StoreUnavailable: (503, UNAVAILABLE, "store_unavailable"),
+    errors.AdapterUnavailable: (503, UNAVAILABLE, "adapter_corrupt"),
+    # the registry's own errors, as the admin API meets them
+    store_errors.InvalidName: (400, INVALID, None),
+    store_errors.ManifestError: (400, INVALID, None),
+    store_errors.TenantExists: (409, INVALID, "conflict"),
+    store_errors.AdapterExists: (409, INVALID, "conflict"),
+    store_errors.TenantNotFound: (404, NOT_FOUND, "not_found"),
+    store_errors.AdapterNotFound: (404, NOT_FOUND, "not_found"),
+    store_errors.KeyNotFound: (404, NOT_FOUND, "not_found"),
+    store_errors.StoreUnavailable: (503, UNAVAILABLE, "store_unavailable"),
+    store_errors.CorruptObject: (503, UNAVAILABLE, "adapter_corrupt"),
+}
 
 
 class APIError(Exception):
@@ -45,13 +73,26 @@ def too_large(limit: int, upload: bool = False) -> APIError:
     return APIError(413, f"the request body exceeds {limit} bytes (--max-request-bytes)", code="request_too_large")
 
 
-def unavailable(message: str, code: str = "store_unavailable") -> APIError:
-    """A 503 the client should retry; `message` is for the caller, so it never names the store."""
-    return APIError(503, message, type="service_unavailable", code=code, headers={"Retry-After": RETRY_AFTER_S})
+def to_api_error(exc: Exception, admin: bool = False) -> APIError:
+    """The HTTP answer to a domain error. The registry's messages may name the store: only the admin
+    sees them; a tenant learns that the registry is unreachable and when to retry."""
+    if isinstance(exc, RequestFailed):
+        return APIError(exc.status, str(exc), type="server_error" if exc.status >= 500 else INVALID, code=exc.code)
+    status, kind, code = next(STATUS_OF[cls] for cls in type(exc).__mro__ if cls in STATUS_OF)
+    message = getattr(exc, "message", str(exc))
+    if isinstance(exc, store_errors.RegistryError) and status == 503 and not admin:
+        log.warning("adapter store: %s", message)
+        message = "the adapter registry is unreachable right now: retry later"
+    headers = {"Retry-After": str(getattr(exc, "retry_after", errors.RETRY_AFTER_S))} if status == 503 else None
+    return APIError(status, message, type=kind, param=getattr(exc, "param", None), code=getattr(exc, "code", None) or code, headers=headers)
 
 
 async def api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
+
+
+async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(to_api_error(exc, admin=request.url.path.startswith("/admin/")))
 
 
 async def validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:

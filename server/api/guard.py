@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters_store import Registry
-from server.api.errors import UPLOAD_LIMIT_SCOPE_KEY, APIError, error_response, too_large
+from server.api.errors import UPLOAD_LIMIT_SCOPE_KEY, APIError, error_response, to_api_error, too_large
 from server.api.limits import RequestLimits
+from server.errors import HotswapError
 from server.auth import api_principal, require_admin
 
 # multipart framing and form fields around an uploaded adapter's bytes
@@ -48,8 +49,9 @@ class RequestGuard:
             declared = _content_length(request.headers)
             if declared is not None and declared > limit:
                 raise too_large(self.limits.max_adapter_bytes if upload else limit, upload)
-        except APIError as e:
-            await error_response(e, close=_unread_body_is_large(request.headers, limit))(scope, receive, send)
+        except (APIError, HotswapError) as e:
+            error = e if isinstance(e, APIError) else to_api_error(e)
+            await error_response(error, close=_unread_body_is_large(request.headers, limit))(scope, receive, send)
             return
         await RequestBodyLimitMiddleware(self.app, limit)(scope, receive, send)
 

@@ -17,7 +17,8 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
-from server.lora.manager import AdapterManager, AdapterTooLarge
+from server.errors import AdapterTooLarge
+from server.lora.manager import AdapterManager
 from server.families.registry import FAMILIES, parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig

@@ -17,19 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from server.errors import AdapterTooLarge
 from server.families.registry import FAMILIES, SPACES
 from server.layers.linear import AdaptedLinear, AdapterSlot
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-
-
-class AdapterTooLarge(ValueError):
-    """The adapter needs more pool memory than the whole budget: it can never be placed."""
-
-    def __init__(self, message: str, budget: int):
-        super().__init__(message)
-        self.budget = budget
 
 
 @dataclass(slots=True)

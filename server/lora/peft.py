@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
 from server.lora.config_schema import LoraConfig, brief, explain
+from server.errors import InvalidAdapter
 from server.models.config import ModelConfig
 from server.models.modules import ADAPTER_MODULES, module_dims, module_path  # module_dims: re-exported for older importers
 
@@ -29,8 +30,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-class AdapterError(ValueError):
-    """The adapter's files are malformed or do not fit the base model; the message says why."""
+# The adapter's files are malformed or do not fit the base model (a domain error: the API answers 400).
+AdapterError = InvalidAdapter
 
 
 @dataclass(slots=True)

@@ -11,16 +11,12 @@ from pydantic import Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import (
-    AdapterExists, AdapterNotFound, InvalidName, KeyNotFound, ManifestError, StoreUnavailable, TenantExists, TenantNotFound,
-)
 from server.adapters.service import device_key
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
-from server.api.errors import APIError, too_large, unavailable
+from server.api.errors import APIError, too_large
+from server.engine.client import ADAPTER_FILES
+from server.errors import InvalidRequest
 from server.validation import StrictModel, Text
-from server.families.registry import FAMILIES
-from server.lora.manager import AdapterTooLarge
-from server.lora.peft import AdapterError
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -39,44 +35,30 @@ def _admin(request: Request):
     return state
 
 
-async def _store(call):
-    """Run a registry call, mapping its errors onto HTTP."""
-    try:
-        return await call
-    except (InvalidName, ManifestError) as e:
-        raise APIError(400, str(e)) from None
-    except (TenantExists, AdapterExists) as e:
-        raise APIError(409, str(e), code="conflict") from None
-    except (TenantNotFound, AdapterNotFound, KeyNotFound) as e:
-        raise APIError(404, str(e), type="not_found_error", code="not_found") from None
-    except StoreUnavailable as e:
-        raise unavailable(str(e)) from None  # the admin may see where the store is
-
-
 # -- tenants and keys ---------------------------------------------------------------------------
 @router.post("/tenants", status_code=201)
 async def create_tenant(body: TenantCreate, request: Request):
     state = _admin(request)
-    return await _store(state.registry.create_tenant(body.name))
+    return await state.registry.create_tenant(body.name)
 
 
 @router.get("/tenants")
 async def list_tenants(request: Request):
     state = _admin(request)
-    return {"data": await _store(state.registry.list_tenants())}
+    return {"data": await state.registry.list_tenants()}
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201)
 async def create_key(tenant: str, request: Request):
     state = _admin(request)
-    key_id, key = await _store(state.registry.create_key(tenant))
+    key_id, key = await state.registry.create_key(tenant)
     return {"tenant": tenant, "id": key_id, "key": key}
 
 
 @router.delete("/tenants/{tenant}/keys/{key_id}", status_code=204)
 async def delete_key(tenant: str, key_id: str, request: Request):
     state = _admin(request)
-    await _store(state.registry.delete_key(tenant, key_id))
+    await state.registry.delete_key(tenant, key_id)
     return Response(status_code=204)
 
 
@@ -103,8 +85,6 @@ async def upload_adapter(request: Request):
     if not tenant or not name:
         raise APIError(400, "the form needs the fields `tenant` and `name`", param="tenant" if not tenant else "name")
     family = fields.get("family") or None  # detected from the files when not given
-    if family is not None and family not in FAMILIES:
-        raise APIError(400, f"adapter family {family!r} is not supported (supported: {', '.join(sorted(FAMILIES))})", param="family")
     public = fields.get("public", "false").lower() in ("1", "true", "yes")
     new_version = fields.get("new_version", "false").lower() in ("1", "true", "yes")
 
@@ -120,16 +100,13 @@ async def upload_adapter(request: Request):
             files.update(await asyncio.to_thread(extract_archive, data, filename, limit))  # decompression: off the event loop
         else:
             files[filename.rsplit("/", 1)[-1]] = data
-    try:
-        weights = await asyncio.to_thread(state.engine.engine.parse_adapter, files, f"{tenant}/{name}", family)
-    except AdapterError as e:
-        raise APIError(400, str(e), code="invalid_adapter") from None
-    ranks = weights.module_units()
-    manifest = await _store(state.registry.publish(
-        tenant, name, {k: files[k] for k in ("adapter_config.json", "adapter_model.safetensors")},
-        family=weights.family, base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
+    found = await state.engine.validate_adapter(files, f"{tenant}/{name}", family)
+    ranks = found.units
+    manifest = await state.registry.publish(
+        tenant, name, {k: files[k] for k in ADAPTER_FILES},
+        family=found.family, base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
         description=fields.get("description", ""), public=public, new_version=new_version,
-    ))  # fmt: skip
+    )  # fmt: skip
     state.adapter_service.forget(tenant, name)
     return JSONResponse(_manifest_json(manifest), status_code=201)
 
@@ -137,16 +114,16 @@ async def upload_adapter(request: Request):
 @router.get("/adapters")
 async def list_adapters(request: Request, tenant: str | None = None):
     state = _admin(request)
-    return {"data": [_manifest_json(m) for m in await _store(state.registry.list(tenant))]}
+    return {"data": [_manifest_json(m) for m in await state.registry.list(tenant)]}
 
 
 @router.get("/adapters/{tenant}/{name}")
 async def get_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await _store(service.manifest(tenant, name, fresh=True))
+    m = await service.manifest(tenant, name, fresh=True)
     key = device_key(m)
-    device = await state.engine.call(lambda eng: eng.adapters.get(key) is not None)
+    device, pinned = await state.engine.residency(key)
     body = _manifest_json(m)
     body["residency"] = {
         "device": device,
@@ -154,7 +131,7 @@ async def get_adapter(tenant: str, name: str, request: Request):
         "disk": all(f["sha256"] in service.disk for f in m.files.values()),
         "store": True,
     }
-    body["pinned"] = (tenant, name) in service.pinned
+    body["pinned"] = pinned
     return body
 
 
@@ -162,14 +139,12 @@ async def get_adapter(tenant: str, name: str, request: Request):
 async def delete_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await _store(service.manifest(tenant, name, fresh=True))
-    versions = await _store(state.registry.delete_adapter(tenant, name))
+    m = await service.manifest(tenant, name, fresh=True)
+    versions = await state.registry.delete_adapter(tenant, name)
     service.forget(tenant, name)
-    service.pinned.discard((tenant, name))
     key = device_key(m)
     service.host.drop(key)
-    # Running requests keep their weights; the pools let go of them once no sequence uses them.
-    await state.engine.call(lambda eng: eng.adapters.set_pinned(key, False) or eng.adapters.remove(key))
+    await state.engine.evict(key)  # running requests keep their weights until they finish
     return {"deleted": f"{tenant}/{name}", "versions": versions}
 
 
@@ -177,23 +152,9 @@ async def delete_adapter(tenant: str, name: str, request: Request):
 async def pin_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await _store(service.manifest(tenant, name, fresh=True))
-    if FAMILIES[m.family].per_user:
-        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: it is materialised per user on demand, so there is no one device copy to pin",
-                       code="not_pinnable")  # fmt: skip
-    weights = await service.weights(m)
-
-    def place(eng):
-        try:
-            placed = eng.adapters.ensure_resident(weights)
-        except AdapterTooLarge as e:
-            raise APIError(400, f"{tenant}/{name} needs more than the whole adapter memory ({e.budget} bytes)", code="adapter_too_large") from None
-        if placed is None:
-            raise APIError(409, f"{tenant}/{name} does not fit in the adapter memory next to the adapters in use; retry later", code="no_room")
-        eng.adapters.set_pinned(device_key(m), True)
-
-    await state.engine.call(place)
-    service.pinned.add((tenant, name))
+    m = await service.manifest(tenant, name, fresh=True)
+    weights = None if state.engine.is_per_user(m.family) else await service.weights(m)
+    await state.engine.pin(device_key(m), weights, m.family)
     return {"pinned": f"{tenant}/{name}", "version": m.version}
 
 
@@ -201,9 +162,8 @@ async def pin_adapter(tenant: str, name: str, request: Request):
 async def unpin_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await _store(service.manifest(tenant, name))
-    await state.engine.call(lambda eng: eng.adapters.set_pinned(device_key(m), False))
-    service.pinned.discard((tenant, name))
+    m = await service.manifest(tenant, name)
+    await state.engine.unpin(device_key(m))
     return {"unpinned": f"{tenant}/{name}"}
 
 
@@ -218,18 +178,12 @@ class UserState(StrictModel):
 async def put_user_state(tenant: str, name: str, user: str, body: UserState, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await _store(service.manifest(tenant, name, fresh=True))
-    if not FAMILIES[m.family].per_user:
-        raise APIError(400, f"{tenant}/{name} is a {m.family} adapter: only per-user families ({', '.join(n for n, f in FAMILIES.items() if f.per_user)}) have per-user state")
+    m = await service.manifest(tenant, name, fresh=True)
     values = {k: v for k, v in body.model_dump().items() if v is not None}
     if len(values) != 1:
-        raise APIError(400, 'give exactly one of "weights" (one per meta-LoRA) or "vector" (the user embedding)')
-    bank = await service.weights(m)
-    try:
-        bank.user_weights(values)  # the adapter must accept it: right length, a gate for vectors
-    except AdapterError as e:
-        raise APIError(400, str(e)) from None
-    record = await _store(state.registry.put_user_state(tenant, name, user, values))
+        raise InvalidRequest('give exactly one of "weights" (one per meta-LoRA) or "vector" (the user embedding)')
+    await service.check_user_state(m, values)
+    record = await state.registry.put_user_state(tenant, name, user, values)
     service.forget_user(tenant, name, user)
     return record
 
@@ -237,7 +191,7 @@ async def put_user_state(tenant: str, name: str, user: str, body: UserState, req
 @router.get("/adapters/{tenant}/{name}/users/{user}")
 async def get_user_state(tenant: str, name: str, user: str, request: Request):
     state = _admin(request)
-    record = await _store(state.registry.get_user_state(tenant, name, user))
+    record = await state.registry.get_user_state(tenant, name, user)
     if record is None:
         raise APIError(404, f"no state stored for this user of {tenant}/{name} (it is served with uniform weights)", type="not_found_error")
     return record

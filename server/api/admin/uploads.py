@@ -7,9 +7,9 @@ import tarfile
 import zipfile
 
 from server.api.errors import APIError, too_large
-from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
+from server.engine.client import ADAPTER_FILES
 
-WANTED = (CONFIG_FILE, WEIGHTS_FILE)
+WANTED = ADAPTER_FILES
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # An adapter directory holds a handful of files; the cap bounds the work and memory of listing one
 # (a 2 MB tar.gz can hold 300,000 empty entries).

@@ -7,7 +7,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from adapters_store.user_state import MAX_USER_CHARS
 from server.validation import StrictModel, Text
-from server.engine.sequence import MIN_TEMPERATURE
+from server.engine.client import MIN_TEMPERATURE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 16, 1024

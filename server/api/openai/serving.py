@@ -17,58 +17,42 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 from fastapi import Request
-from jinja2 import TemplateError
 
-from adapters_store import StoreUnavailable
 from server.adapters.service import AdapterService
-from server.api.errors import APIError, unavailable
+from server.api.errors import APIError, error_body, to_api_error
 from server.api.limits import RequestLimits
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from server.auth import Principal
-from server.engine.async_engine import AsyncEngine, RequestOutput
-from server.engine.sequence import RequestFailed, SamplingParams, Sequence
+from server.engine.client import EngineClient, RequestFailed, RequestOutput, SamplingParams, Sequence
+from server.errors import ModelNotFound
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Inputs longer than this (characters) are tokenized, and chat templates rendered, on a worker thread.
-OFFLOAD_CHARS = 16_384
-# What a chat template adds around each message (role markers, separators), counted towards OFFLOAD_CHARS.
-TEMPLATE_CHARS_PER_MESSAGE = 32
-
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, limits: RequestLimits, adapter_service: AdapterService | None = None):
+    def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits, adapter_service: AdapterService | None = None):
         self.engine = engine
         self.adapter_service = adapter_service
         self.metrics = metrics
         self.limits = limits
-        self.llm = engine.engine
         self.created = int(time.time())
-        context = self.llm.max_model_len - 1  # at least one token must be left to generate
+        self.engine_limits = engine.limits
+        context = engine.limits.max_model_len - 1  # at least one token must be left to generate
         self.max_prompt_tokens = min(limits.max_prompt_tokens or context, context)
-        # No token covers more characters than its own string in the vocabulary has (byte-level BPE: one
-        # per byte; SentencePiece: one per piece character), so a text longer than the prompt limit
-        # times this cannot fit the limit, whatever its tokens turn out to be.
-        self.max_chars_per_token = max(len(t) for t in self.llm.tokenizer.get_vocab())
-        self.kv_cache_tokens = self.llm.block_manager.num_blocks * self.llm.block_manager.block_size
 
     # -- models ----------------------------------------------------------------------------
     async def list_models(self, raw: Request) -> ModelList:
         principal = self.principal(raw)
-        base = self.llm.model_name
+        base = self.engine.model_name
         # where the weights live on disk is the operator's business, not a tenant's
-        cards = [ModelCard(id=base, created=self.created, root=str(self.llm.model_dir) if principal.admin else base)]
-        cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.llm.static_adapters)]
+        cards = [ModelCard(id=base, created=self.created, root=str(self.engine.model_dir) if principal.admin else base)]
+        cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.engine.static_adapters)]
         service = self.adapter_service
-        if service is not None:
-            try:
-                manifests = await service.registry.list(principal.tenant if not principal.admin else None)
-                if principal.tenant is not None:  # plus other tenants' public adapters
-                    manifests += [m for m in await service.registry.list() if m.public and m.tenant != principal.tenant]
-            except StoreUnavailable as e:
-                log.warning("cannot list adapters: the adapter store is unreachable (%s)", e)
-                raise unavailable("the adapter registry is unreachable right now: retry later") from None
+        if service is not None:  # a store outage is a 503 that names no store (server.api.errors)
+            manifests = await service.registry.list(principal.tenant if not principal.admin else None)
+            if principal.tenant is not None:  # plus other tenants' public adapters
+                manifests += [m for m in await service.registry.list() if m.public and m.tenant != principal.tenant]
             for m in manifests:
                 model_id = m.name if m.tenant == principal.tenant else f"{m.tenant}/{m.name}"
                 cards.append(ModelCard(id=model_id, created=_epoch(m.created_at), parent=base, owned_by=m.tenant))
@@ -84,12 +68,12 @@ class OpenAIServing:
 
     async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None]:
         """(engine adapter key, host weights to place if not resident) for the request's `model`."""
-        if model == self.llm.model_name:
+        if model == self.engine.model_name:
             return None, None
-        if model in self.llm.static_adapters:
+        if model in self.engine.static_adapters:
             return model, None
         if self.adapter_service is None:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         manifest = await self.adapter_service.resolve(self.principal(raw), model)
         return await self.adapter_service.for_request(manifest, user)
 
@@ -103,12 +87,12 @@ class OpenAIServing:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if req.n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n} on this server", param="n")
-        vocab = self.llm.model.config.vocab_size
+        vocab = self.engine_limits.vocab_size
         if any(t >= vocab for t in req.stop_token_ids or ()):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
 
     def _check_prompt_chars(self, chars: int, param: str) -> None:
-        if chars > self.max_prompt_tokens * self.max_chars_per_token:
+        if chars > self.max_prompt_tokens * self.engine_limits.max_chars_per_token:
             raise self._prompt_too_long(f"{chars} characters, more than {self.max_prompt_tokens} tokens can hold", param)
 
     def _check_prompt_tokens(self, num_tokens: int, param: str) -> None:
@@ -116,7 +100,7 @@ class OpenAIServing:
             raise self._prompt_too_long(f"{num_tokens} tokens", param)
 
     def _prompt_too_long(self, size: str, param: str) -> APIError:
-        context = self.llm.max_model_len
+        context = self.engine_limits.max_model_len
         if self.max_prompt_tokens == context - 1:
             return APIError(400, f"This model's maximum context length is {context} tokens, but the prompt has {size}.", param=param, code="context_length_exceeded")
         return APIError(400, f"This server accepts prompts of at most {self.max_prompt_tokens} tokens (--max-prompt-tokens), but the prompt has {size}.",
@@ -124,13 +108,13 @@ class OpenAIServing:
 
     def _sequences(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, adapter, weights) -> list[Sequence]:
         """n sequences per prompt, within the engine's batch width and its KV cache."""
-        count = len(prompts) * req.n
-        if count > self.llm.config.max_num_seqs:
-            raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {self.llm.config.max_num_seqs} at once",
+        count, limits = len(prompts) * req.n, self.engine_limits
+        if count > limits.max_num_seqs:
+            raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {limits.max_num_seqs} at once",
                            param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
-        context = self.llm.max_model_len
+        context = limits.max_model_len
         # All of a request's sequences may run at once, so together they must fit the KV cache.
-        share = self.kv_cache_tokens // count
+        share = limits.kv_cache_tokens // count
         seqs = []
         for ids in prompts:
             wanted = max_tokens
@@ -138,7 +122,7 @@ class OpenAIServing:
                 wanted = min(context, share) - len(ids)
                 if wanted < 1:
                     raise APIError(400, f"no room is left to generate: {count} sequences of {len(ids)} prompt tokens fill the "
-                                        f"KV cache of {self.kv_cache_tokens} tokens; lower n", param="n")  # fmt: skip
+                                        f"KV cache of {limits.kv_cache_tokens} tokens; lower n", param="n")  # fmt: skip
             elif len(ids) + wanted > context:
                 raise APIError(
                     400, f"This model's maximum context length is {context} tokens. However, you requested {len(ids) + wanted} "
@@ -147,9 +131,9 @@ class OpenAIServing:
                 )
             seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights) for j in range(req.n)]
         claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
-        if claimed > self.kv_cache_tokens:
+        if claimed > limits.kv_cache_tokens:
             raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
-                                f"sequences), more than the server's {self.kv_cache_tokens}: lower n or max_tokens", param="max_tokens")  # fmt: skip
+                                f"sequences), more than the server's {limits.kv_cache_tokens}: lower n or max_tokens", param="max_tokens")  # fmt: skip
         return seqs
 
     @staticmethod
@@ -161,11 +145,6 @@ class OpenAIServing:
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         )
 
-    async def _encode(self, text: str) -> list[int]:
-        if len(text) > OFFLOAD_CHARS:
-            return await asyncio.to_thread(lambda: self.llm.tokenizer(text)["input_ids"])
-        return self.llm.tokenizer(text)["input_ids"]
-
     async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
@@ -174,15 +153,16 @@ class OpenAIServing:
             p = [p]
         if not p:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if len(p) * req.n > self.llm.config.max_num_seqs:  # before tokenizing any of them
-            raise APIError(400, f"this request asks for {len(p) * req.n} sequences (prompts x n); the server runs at most "
-                                f"{self.llm.config.max_num_seqs} at once", param="prompt")  # fmt: skip
-        vocab = self.llm.model.config.vocab_size
+        max_seqs = self.engine_limits.max_num_seqs
+        if len(p) * req.n > max_seqs:  # before tokenizing any of them
+            raise APIError(400, f"this request asks for {len(p) * req.n} sequences (prompts x n); the server runs at most {max_seqs} at once",
+                           param="prompt")  # fmt: skip
+        vocab = self.engine_limits.vocab_size
         token_lists = []
         for x in p:
             if isinstance(x, str):
                 self._check_prompt_chars(len(x), "prompt")
-                ids = await self._encode(x)
+                ids = await self.engine.tokenize(x)
             else:
                 ids = list(x)
                 if any(t >= vocab for t in ids):
@@ -202,23 +182,12 @@ class OpenAIServing:
                     raise APIError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", param=f"messages.{i}.content")
                 content = "".join(part.text for part in content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        tok = self.llm.tokenizer
-        if not tok.chat_template:
-            raise APIError(400, f"model `{self.llm.model_name}` has no chat template: use /v1/completions", param="messages")
+        if not self.engine.has_chat_template:
+            raise APIError(400, f"model `{self.engine.model_name}` has no chat template: use /v1/completions", param="messages")
         if len(messages) > self.max_prompt_tokens:  # the template spends at least a token on each
             raise self._prompt_too_long(f"{len(messages)} messages", "messages")
-        chars = sum(len(m["content"]) for m in messages)
-        self._check_prompt_chars(chars, "messages")
-
-        def render() -> list[int]:
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except TemplateError as e:  # templates refuse what they cannot render ("roles must alternate ...")
-                raise APIError(400, f"the model's chat template refuses these messages: {e.message or 'template error'}", param="messages") from None
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-        offload = chars + TEMPLATE_CHARS_PER_MESSAGE * len(messages) > OFFLOAD_CHARS
-        ids = await asyncio.to_thread(render) if offload else render()
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = await self.engine.render_chat(messages)
         self._check_prompt_tokens(len(ids), "messages")
         return ids
 
@@ -259,7 +228,7 @@ class OpenAIServing:
         try:
             results = task.result()
         except RequestFailed as e:
-            raise APIError(e.status, str(e), type="server_error" if e.status >= 500 else "invalid_request_error", code=e.code) from None
+            raise to_api_error(e) from None
         choices = []
         for i, (text, reason, _) in enumerate(results):
             if chat:
@@ -360,8 +329,8 @@ class OpenAIServing:
                 else:
                     yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": reason}])
         except RequestFailed as e:  # the status line is long gone: tell the client in-band, as vLLM does
-            kind = "server_error" if e.status >= 500 else "invalid_request_error"
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'param': None, 'code': e.code}})}\n\n"
+            error = to_api_error(e)
+            yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
         if usage_prompt_tokens is not None:
