@@ -23,6 +23,7 @@ from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, Disk
 from server.adapters.host_cache import HostCache
 from server import errors
 from server.auth import Principal
+from server.families.base import AdapterWeights
 from server.families.registry import family_named
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class AdapterService:
         return m
 
     # -- weights ---------------------------------------------------------------------------
-    async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, object]:
+    async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, AdapterWeights]:
         """(engine key, host weights) for a request: RecLoRA adapters are materialised per user."""
         weights = await self.weights(m)
         if not family_named(m.family).per_user:

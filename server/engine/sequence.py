@@ -4,6 +4,10 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.families.base import AdapterWeights
 
 
 # Below this a temperature only divides logits towards overflow; 0 asks for greedy decoding.
@@ -65,7 +69,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # None = base model; else the key of a resident or loadable adapter
-    adapter_weights: object | None = None  # host-RAM LoraWeights to place on the device if it is not resident
+    adapter_weights: AdapterWeights | None = None  # host-RAM weights to place on the device if the adapter is not resident
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from server.errors import AdapterTooLarge
+from server.families.base import AdapterWeights
 from server.families.registry import FAMILIES, SPACES
 from server.layers.linear import AdaptedLinear, AdapterSlot
 from server.models.llama import LlamaForCausalLM
@@ -34,7 +35,7 @@ class ResidentAdapter:
     rank: int  # units it owns (LoRA: max rank; S²FT: max entries per module)
     plan_units: int  # units the step plan drives from row_start (routed experts: the attention LoRA's)
     num_bytes: int  # of the adapter's own weights
-    weights: object = None  # kept for families with a per-step hook (the routers of routed experts)
+    weights: AdapterWeights | None = None  # kept for families with a per-step hook (the routers of routed experts)
     targets: frozenset = frozenset()  # module names the step plan must visit for it
     active: int = 0  # sequences admitted with it
     pinned: bool = False
