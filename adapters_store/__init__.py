@@ -1,8 +1,11 @@
 """Adapter registry over object storage (local dir, memory, S3). Bytes and JSON only: never imports torch."""
+from .artifacts import ArtifactManifest, Artifacts
 from .disk_cache import DiskCache
 from .errors import (
     AdapterExists,
     AdapterNotFound,
+    ArtifactExists,
+    ArtifactNotFound,
     CorruptObject,
     InvalidName,
     KeyNotFound,
@@ -22,6 +25,10 @@ __all__ = [
     "AdapterExists",
     "AdapterManifest",
     "AdapterNotFound",
+    "ArtifactExists",
+    "ArtifactManifest",
+    "ArtifactNotFound",
+    "Artifacts",
     "CorruptObject",
     "DiskCache",
     "InvalidName",

@@ -60,3 +60,12 @@ class AdapterExists(RegistryError):
 
 class AdapterNotFound(RegistryError):
     """No such adapter (or no such version of it)."""
+
+
+class ArtifactExists(AdapterExists):
+    """Publishing an artifact name that already exists without asking for a new version (answered as
+    an existing adapter is: 409)."""
+
+
+class ArtifactNotFound(AdapterNotFound):
+    """No such artifact (or no such version of it); answered as a missing adapter is (404)."""

@@ -6,6 +6,7 @@ same registry, there is no local index):
     blobs/sha256/<hex>                              adapter file bytes, content-addressed
     adapters/<tenant>/<name>/v<version:06d>.json    one immutable manifest per version
     tenants/<tenant>.json                           tenant record with API key hashes
+    artifacts/<kind>/<tenant>/<name>/v<N>.json      other versioned files, e.g. fitted generators (artifacts.py)
 
 Publishing writes the blobs first and the manifest last with create-if-absent, so a manifest is
 only visible once all its bytes are stored, and two concurrent publishes cannot both claim the
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .artifacts import ArtifactManifest, Artifacts
 from .errors import AdapterExists, AdapterNotFound, CorruptObject, ManifestError, ObjectNotFound
 from .user_state import get_user_state, put_user_state
 from .manifest import SHA256_RE, AdapterManifest, sha256_hex, validate_file_name, validate_name
@@ -74,6 +76,7 @@ class Registry:
         self.tenants = TenantDirectory(store, key_cache_ttl_s=key_cache_ttl_s)
         self.gc_grace_s = gc_grace_s
         self._max_concurrency = max_concurrency
+        self.artifacts = Artifacts(self)  # versioned non-adapter files (fitted generators), same blobs
 
     # -- tenants (delegated) -----------------------------------------------------------------
     async def create_tenant(self, name: str) -> dict[str, Any]:
@@ -199,8 +202,8 @@ class Registry:
         log.info("deleted adapter %s/%s (%d versions)", tenant, name, len(versions))
         return len(versions)
 
-    async def fetch_files(self, manifest: AdapterManifest, cache: DiskCache | None = None) -> dict[str, bytes]:
-        """The adapter's files, each verified against the manifest's sha256 (CorruptObject otherwise).
+    async def fetch_files(self, manifest: AdapterManifest | ArtifactManifest, cache: DiskCache | None = None) -> dict[str, bytes]:
+        """The adapter's (or artifact's) files, each verified against the manifest's sha256 (CorruptObject otherwise).
 
         With a `cache`, verified files are served from / saved to that local disk cache.
         """
@@ -216,13 +219,13 @@ class Registry:
             except ObjectNotFound:
                 raise CorruptObject(
                     f"{manifest.ref}: file '{fname}' (blob {digest}) is missing from {self.store.description}; "
-                    "re-publish the adapter"
+                    "re-publish it"
                 ) from None
             actual = await asyncio.to_thread(sha256_hex, data)
             if actual != digest or len(data) != size:
                 raise CorruptObject(
                     f"{manifest.ref}: file '{fname}' is corrupt in {self.store.description} (expected sha256 {digest}, "
-                    f"{size} bytes; got {actual}, {len(data)} bytes); re-publish the adapter"
+                    f"{size} bytes; got {actual}, {len(data)} bytes); re-publish it"
                 )
             if cache is not None:
                 await asyncio.to_thread(cache.put, digest, data)
@@ -258,6 +261,7 @@ class Registry:
             return (entry["sha256"] for entry in manifest.files.values())
 
         live = {digest for hashes in await self._gather(referenced(k) for k in keys) for digest in hashes}
+        live |= await self.artifacts.referenced_blobs()
         now = datetime.now(timezone.utc)
         doomed = []
         for info in await self.store.list_info(BLOBS_DIR):

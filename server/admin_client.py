@@ -1,4 +1,4 @@
-"""`hotswap adapters ...` and `hotswap tenants ...`: a small client of the admin API."""
+"""`hotswap adapters ...`, `hotswap tenants ...` and `hotswap sglora ...`: a small client of the admin API."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,34 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     key = tenants.add_parser("key", help="create an API key for a tenant (shown once)")
     key.add_argument("tenant")
     for p in (create, key):
+        common(p)
+
+    sglora = sub.add_parser("sglora", help="SG-LoRA: fit generators, generate adapters from descriptions").add_subparsers(dest="action", required=True)
+    fit = sglora.add_parser("fit", help="fit a cvae generator on a tenant's expert adapters (stored in the registry)")
+    fit.add_argument("--tenant", required=True)
+    fit.add_argument("--name", default="cvae", help="the generator's name (default: cvae, the one generate uses by default)")
+    fit.add_argument("--experts", nargs="+", default=None, metavar="REF", help="TENANT/NAME or NAME of each expert (default: every LoRA with a description the tenant may use)")
+    fit.add_argument("--epochs", type=int, default=2000)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--basis-rank", type=int, default=32, help="shared basis size per module (1-64)")
+    fit.add_argument("--rank", type=int, default=None, help="rank of the generated adapters (default: the experts' largest, at most --basis-rank)")
+    fit.add_argument("--latent-dim", type=int, default=8)
+    fit.add_argument("--new-version", action="store_true", help="add a version to an existing generator")
+    gen = sglora.add_parser("generate", help="generate an adapter from a task description")
+    gen.add_argument("--tenant", required=True)
+    gen.add_argument("--name", required=True, help="the new adapter's name")
+    gen.add_argument("--description", required=True)
+    gen.add_argument("--generator", default="cvae", choices=["cvae", "fusion"])
+    gen.add_argument("--generator-ref", default=None, help="cvae: NAME or TENANT/NAME[@vN] (default: TENANT/cvae)")
+    gen.add_argument("--seed", type=int, default=0, help="cvae: 0 decodes the most likely adapter, others sample")
+    gen.add_argument("--top-k", type=int, default=None, help="fusion: experts to fuse (default 3)")
+    gen.add_argument("--public", action="store_true")
+    gen.add_argument("--new-version", action="store_true")
+    gls = sglora.add_parser("ls", help="list fitted generators")
+    gls.add_argument("--tenant", default=None)
+    grm = sglora.add_parser("rm", help="delete a fitted generator (all versions)")
+    grm.add_argument("ref", help="TENANT/NAME")
+    for p in (fit, gen, gls, grm):
         common(p)
 
 
@@ -129,7 +157,9 @@ def run_admin_command(args: argparse.Namespace) -> int:
 
 
 def _run(client: httpx.Client, args: argparse.Namespace) -> None:
-    if args.command == "tenants" and args.action == "create":
+    if args.command == "sglora":
+        _run_sglora(client, args)
+    elif args.command == "tenants" and args.action == "create":
         print(json.dumps(_check(client.post("/admin/v1/tenants", json={"name": args.name}), args), indent=2))
     elif args.command == "tenants" and args.action == "key":
         body = _check(client.post(f"/admin/v1/tenants/{args.tenant}/keys"), args, "id", "tenant", "key")
@@ -164,3 +194,40 @@ def _run(client: httpx.Client, args: argparse.Namespace) -> None:
             raise CliError(f"name the adapter as TENANT/NAME (e.g. acme/support), not {args.ref!r}")
         body = _check(client.delete(f"/admin/v1/adapters/{tenant}/{name}"), args, "deleted", "versions")
         print(f"deleted {body['deleted']} ({body['versions']} versions)")
+
+
+def _run_sglora(client: httpx.Client, args: argparse.Namespace) -> None:
+    if args.action == "fit":
+        body = {"tenant": args.tenant, "name": args.name, "epochs": args.epochs, "seed": args.seed, "basis_rank": args.basis_rank,
+                "latent_dim": args.latent_dim, "new_version": args.new_version}  # fmt: skip
+        if args.experts:
+            body["experts"] = args.experts
+        if args.rank is not None:
+            body["rank"] = args.rank
+        m = _check(client.post("/admin/v1/generators:fit", json=body), args, "tenant", "name", "version", "bytes", "metadata")
+        meta = m["metadata"] if isinstance(m["metadata"], dict) else {}
+        fit = meta.get("fit") if isinstance(meta.get("fit"), dict) else {}
+        print(f"fitted generator {m['tenant']}/{m['name']} v{m['version']} on {len(meta.get('experts') or [])} experts in "
+              f"{fit.get('seconds', '?')} s ({m['bytes']} bytes, rank {meta.get('rank', '?')}, basis keeps "
+              f"{fit.get('energy_captured', '?')} of the experts' squared norm)")  # fmt: skip
+    elif args.action == "generate":
+        body = {"tenant": args.tenant, "name": args.name, "description": args.description, "generator": args.generator,
+                "seed": args.seed, "public": args.public, "new_version": args.new_version}  # fmt: skip
+        if args.generator_ref is not None:
+            body["generator_ref"] = args.generator_ref
+        if args.top_k is not None:
+            body["top_k"] = args.top_k
+        m = _check(client.post("/admin/v1/adapters:generate", json=body), args, "tenant", "name", "version", "bytes", "ranks")
+        print(f"generated {m['tenant']}/{m['name']} v{m['version']} ({m['bytes']} bytes, ranks {m['ranks']})")
+    elif args.action == "ls":
+        rows = _check(client.get("/admin/v1/generators", params={"tenant": args.tenant} if args.tenant else None), args, "data")["data"]
+        print(f"{'GENERATOR':40} {'VERSION':>7} {'FORMAT':16} {'EXPERTS':>7} {'BYTES':>12}")
+        for m in rows:
+            experts = len((m.get("metadata") or {}).get("experts") or [])
+            print(f"{m['tenant'] + '/' + m['name']:40} {m['version']:>7} {m['format']:16} {experts:>7} {m['bytes']:>12}")
+    elif args.action == "rm":
+        tenant, _, name = args.ref.partition("/")
+        if not tenant or not name:
+            raise CliError(f"name the generator as TENANT/NAME (e.g. acme/cvae), not {args.ref!r}")
+        body = _check(client.delete(f"/admin/v1/generators/{tenant}/{name}"), args, "deleted", "versions")
+        print(f"deleted generator {body['deleted']} ({body['versions']} versions)")

@@ -133,7 +133,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from server.families.s2ft_convert import run_convert  # imports torch: only now
 
         return run_convert(args)
-    if args.command in ("adapters", "tenants"):
+    if args.command in ("adapters", "tenants", "sglora"):
         return run_admin_command(args)
     return _serve(args)
 

@@ -56,6 +56,7 @@ EXAMPLES = int(os.environ.get("HOTSWAP_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("HOTSWAP_FUZZ_SEED", "0")  # another value explores other cases, as reproducibly
 CASE_TIMEOUT_S = 20.0
 MAX_TOKENS_CAP, N_CAP = 8, 2
+FIT_EPOCHS_CAP = 50
 
 # In run order: the OpenAI routes first, while every adapter is in place, then the admin API,
 # deletions last. Every operation of the schema must be listed here (test_every_operation_is_fuzzed).
@@ -75,12 +76,16 @@ OPERATIONS = [
     # here; hostile uploads (corrupt, oversized, archives escaping their directory) are hand-written.
     "POST /admin/v1/adapters",
     "POST /admin/v1/adapters:generate",
+    "POST /admin/v1/generators:fit",
+    "GET /admin/v1/generators",
+    "GET /admin/v1/generators/{tenant}/{name}",
     "POST /admin/v1/adapters/{tenant}/{name}/pin",
     "POST /admin/v1/adapters/{tenant}/{name}/unpin",
     "PUT /admin/v1/adapters/{tenant}/{name}/users/{user}",
     "GET /admin/v1/adapters/{tenant}/{name}/users/{user}",
     "DELETE /admin/v1/tenants/{tenant}/keys/{key_id}",
     "DELETE /admin/v1/adapters/{tenant}/{name}",
+    "DELETE /admin/v1/generators/{tenant}/{name}",
 ]
 
 # A tenant of this module's own, with an adapter and a key that fuzzed deletions may destroy.
@@ -110,6 +115,8 @@ def bound_work(label: str, body):
             body[key] = min(value, MAX_TOKENS_CAP)
     if label in budgets and _positive_int(body.get("n")):
         body["n"] = min(body["n"], N_CAP)
+    if label == "POST /admin/v1/generators:fit" and _positive_int(body.get("epochs")):
+        body["epochs"] = min(body["epochs"], FIT_EPOCHS_CAP)  # a valid fit may run 20,000 epochs: seconds to a minute
     return body
 
 
@@ -241,6 +248,7 @@ def target(hostile, adapter_dirs, engine):
             "POST /admin/v1/adapters:generate": {
                 "tenant": [FUZZ_TENANT, "acme"], "name": ["generated", FUZZ_ADAPTER], "experts": experts, "generator": ["fusion"],
             },
+            "POST /admin/v1/generators:fit": {"tenant": [FUZZ_TENANT, "acme"]},
         },
         bodies={"PUT /admin/v1/adapters/{tenant}/{name}/users/{user}": [{"weights": [1.0 / K] * K}, {"weights": [1.0]}, {"vector": [0.5] * USER_DIM}]},
         served_models=served_models,

@@ -1,10 +1,12 @@
 """SG-LoRA generation as a service: an adapter generated from a task description, published in the registry.
 
-Experts default to every LoRA adapter the tenant may use (its own and public ones) that has a
-description and the server's base model, leaving out adapters that were themselves generated.
+Two generators. `fusion` chooses experts per request: by default every LoRA adapter the tenant may
+use (its own and public ones) that has a description and the server's base model, leaving out
+adapters that were themselves generated. `cvae` samples a fitted generator instead (a registry
+artifact, see server/adapters/generators.py), named by `generator_ref` (default <tenant>/cvae).
 The result is an ordinary `family="lora"` adapter whose provenance records how it was made
-(server/families/sglora.py). Embedding, fusing and validating run in worker threads: this is
-admin work, off the serving path. Failures are domain errors (server.errors).
+(server/families/sglora.py, sglora_cvae.py). Embedding, generating and validating run in worker
+threads: this is admin work, off the serving path. Failures are domain errors (server.errors).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from adapters_store import AdapterExists, AdapterManifest, AdapterNotFound, InvalidName, validate_name
 from server.adapters.service import AdapterService
 from server.errors import InvalidRequest, ModelNotFound, Unavailable
-from server.families.sglora import GenerationError, RankOverflow, is_generated, make_generator, provenance, select_experts
+from server.families.sglora import GenerationError, RankOverflow, description_sha256, is_generated, make_generator, provenance, select_experts
 from server.families.text_encoder import EncoderUnavailable, default_encoder
 
 __all__ = ["GenerationRequest", "generate_adapter", "default_encoder"]  # default_encoder: the routes' default
@@ -37,6 +39,7 @@ class GenerationRequest:
     generator: str
     public: bool
     new_version: bool
+    generator_ref: str | None = None  # cvae: "name" | "tenant/name", optionally "@vN"; None: <tenant>/cvae
 
 
 async def generate_adapter(service: AdapterService, engine, encoder, req: GenerationRequest) -> AdapterManifest:
@@ -46,11 +49,17 @@ async def generate_adapter(service: AdapterService, engine, encoder, req: Genera
         validate_name(req.name, "adapter name")
     except InvalidName as e:
         raise InvalidRequest(str(e), param="name") from None
+    if not req.description.strip():
+        raise InvalidRequest("the description is empty: describe the task the adapter is for", param="description")
     registry = service.registry
     await registry.get_tenant(req.tenant)  # TenantNotFound (404) before any work
     existing = await registry.versions(req.tenant, req.name)
     if existing and not req.new_version:
         raise AdapterExists(f"adapter {req.tenant}/{req.name} already exists (v{existing[-1]}); pass new_version=true or delete it first")
+    if req.generator == "cvae":
+        return await _generate_cvae(service, engine, encoder, req)
+    if req.generator_ref is not None:
+        raise InvalidRequest("generator_ref names a fitted generator: it applies to generator \"cvae\" only", param="generator_ref")
     limits = engine.limits
     try:
         generator = make_generator(req.generator, max_rank=limits.max_lora_rank, num_layers=engine.model_config.num_layers)
@@ -94,6 +103,49 @@ async def generate_adapter(service: AdapterService, engine, encoder, req: Genera
     )  # fmt: skip
     service.forget(req.tenant, req.name)
     log.info("generated %s from %s", manifest.ref, ", ".join(f"{e.ref}@v{e.manifest.version} ({e.weight:.3f})" for e in chosen))
+    return manifest
+
+
+async def _generate_cvae(service: AdapterService, engine, encoder, req: GenerationRequest) -> AdapterManifest:
+    """Sample the fitted generator for the description's embedding, validate, publish."""
+    from server.adapters.generators import generator_provenance, load_generator  # it imports this module
+    from server.families.sglora_cvae import one_torch_thread
+
+    if req.experts:
+        raise InvalidRequest("the cvae generator was fitted on its experts: name them when fitting (POST /admin/v1/generators:fit), not here",
+                             param="experts")  # fmt: skip
+    art, generator = await load_generator(service, engine, req.tenant, req.generator_ref)
+    if generator.meta.get("base_model") != service.base_model:
+        raise InvalidRequest(f"generator {art.tenant}/{art.name} was fitted for base model {generator.meta.get('base_model')}, "
+                             f"this server serves {service.base_model}: fit it again here", param="generator_ref")  # fmt: skip
+    if generator.meta.get("encoder") != encoder.name:
+        raise InvalidRequest(f"generator {art.tenant}/{art.name} was fitted with the encoder {generator.meta.get('encoder')}, "
+                             f"this server embeds with {encoder.name}: fit it again here", param="generator_ref")  # fmt: skip
+    limits = engine.limits
+
+    def build() -> tuple[dict[str, bytes], object]:
+        with one_torch_thread():  # small ops: one thread is faster on a busy CPU, and machine-independent
+            embedding = encoder.encode([req.description])[0]
+            files = generator.generate(embedding, req.seed, max_rank=limits.max_lora_rank)
+            return files, engine.parse_adapter(files, f"{req.tenant}/{req.name}", "lora")
+
+    try:
+        files, weights = await asyncio.to_thread(build)
+    except EncoderUnavailable as e:
+        raise Unavailable(f"the description encoder is unavailable: {e}", code="encoder_unavailable") from None
+    except RankOverflow as e:
+        raise InvalidRequest(str(e), param="generator_ref", code="rank_overflow") from None
+    except GenerationError as e:
+        raise InvalidRequest(str(e), code="generation_failed") from None
+
+    ranks = weights.module_units()
+    record = generator_provenance(art, generator, description_sha256(req.description), req.seed, encoder.name)
+    manifest = await service.registry.publish(
+        req.tenant, req.name, files, family="lora", base_model=service.base_model, ranks=ranks, target_modules=sorted(ranks),
+        description=req.description, public=req.public, provenance=record, new_version=req.new_version,
+    )  # fmt: skip
+    service.forget(req.tenant, req.name)
+    log.info("generated %s with %s (seed %d)", manifest.ref, art.ref, req.seed)
     return manifest
 
 

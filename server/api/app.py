@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_store import RegistryError
 from server.adapters.service import AdapterService
 from server.api.admin.generate import router as generate_router
+from server.api.admin.generators import router as generators_router
 from server.api.admin.routes import router as admin_router
 from server.api.errors import APIError, ErrorBoundary, api_error_handler, domain_error_handler, http_error_handler, validation_error_handler
 from server.api.guard import RequestGuard
@@ -68,6 +69,7 @@ def build_app(
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(generate_router)
+    app.include_router(generators_router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

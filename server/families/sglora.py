@@ -26,6 +26,11 @@ A module present in only some experts gets only their blocks: its rank is the su
 experts' ranks, declared per module through PEFT's `rank_pattern` / `alpha_pattern` (no zero rows,
 and exactly the modules the experts touch are targeted). The result loads through
 `parse_peft_lora` and through Hugging Face `peft` unchanged.
+
+The second generator, `cvae` (`sglora_cvae.py`), is the paper's own: a conditional VAE over the
+experts' LoRA parameters conditioned on the description embedding, fitted once on the experts and
+stored as a registry artifact, then sampled per request (FITTED_GENERATORS: it needs that artifact,
+so it is not built by `make_generator`).
 """
 from __future__ import annotations
 
@@ -221,13 +226,18 @@ class SimilarityFusion:
 
 
 GENERATORS = {"fusion": SimilarityFusion}
+# generators sampled from a fitted artifact (server/adapters/generators.py loads them): name -> module
+FITTED_GENERATORS = {"cvae": "server.families.sglora_cvae"}
 
 
 def make_generator(name: str, *, max_rank: int | None = None, num_layers: int | None = None) -> Generator:
     try:
         cls = GENERATORS[name]
     except KeyError:
-        raise GenerationError(f"unknown generator {name!r} (available: {', '.join(sorted(GENERATORS))})") from None
+        if name in FITTED_GENERATORS:
+            raise GenerationError(f"generator {name!r} samples a fitted generator artifact: it is not built per request") from None
+        available = ", ".join(sorted([*GENERATORS, *FITTED_GENERATORS]))
+        raise GenerationError(f"unknown generator {name!r} (available: {available})") from None
     return cls(max_rank=max_rank, num_layers=num_layers)
 
 

@@ -1,8 +1,10 @@
 """`POST /admin/v1/adapters:generate`: an SG-LoRA adapter generated from a task description.
 
 Body: {"tenant", "name", "description", "experts": ["tenant/name", ...] | null, "top_k": 3, "seed": 0,
-"generator": "fusion", "public": false, "new_version": false}. The work is the generation service's
-(server/adapters/generation.py); this route only reads the request.
+"generator": "fusion", "public": false, "new_version": false}; with "generator": "cvae", a fitted
+generator is sampled instead: "generator_ref": "name" | "tenant/name" (optionally "@vN"; default
+"<tenant>/cvae"), and `experts` / `top_k` do not apply (refused when given). The work is the
+generation service's (server/adapters/generation.py); this route only reads the request.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from server.adapters.generation import GenerationRequest, default_encoder, generate_adapter
 from server.api.admin.routes import _admin, _manifest_json
@@ -29,8 +31,20 @@ class GenerateRequest(StrictModel):
     top_k: int = Field(default=3, ge=1, le=MAX_TOP_K)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     generator: Annotated[Text, Field(max_length=64)] = "fusion"
+    generator_ref: Annotated[Text, Field(min_length=1, max_length=200)] | None = None
     public: bool = False
     new_version: bool = False
+
+    @model_validator(mode="after")
+    def _fields_of_the_generator(self):
+        given = self.model_fields_set
+        if self.generator == "cvae":
+            wrong = sorted({"experts", "top_k"} & given)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} apply to the fusion generator; the cvae generator samples its fitted artifact (generator_ref)")
+        elif "generator_ref" in given and self.generator_ref is not None:
+            raise ValueError('generator_ref names a fitted generator: it applies to "generator": "cvae" only')
+        return self
 
 
 def text_encoder(state):
