@@ -1,6 +1,12 @@
 """Shared fixtures: the embedded model, PEFT adapters made by the `peft` library, engines and a live server."""
 from __future__ import annotations
 
+import os
+
+# Triton reads this when it is first imported, and `peft` imports it: set it before any test module
+# is collected, so that tests/test_triton_kernels.py runs the kernels under the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import threading
 import time
 from pathlib import Path
