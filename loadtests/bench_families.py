@@ -7,6 +7,7 @@ Loads (same prompts and lengths, closed loop, all queued at once):
   reclora   ... over 16 users of one RecLoRA adapter (K=8 meta-LoRAs, rank 8, q/v; materialised per user)
   moe-lora  ... over 4 MixLoRA adapters (4 experts, top-2, rank 8 on gate/up/down, every layer)
   mixed     all of the above (and base) in the same batches
+  mole      ... over 4 MoLE adapters (4 experts, sigmoid gates times per-sample global gates, rank 8; not in mixed)
 Each round runs every load back to back; per-load ratios to base are per round, medians printed, with the
 per-token overhead (1/tps - 1/tps_base) in ms.
 
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(4):
         mgr.add(parse_adapter(mixlora_files(cfg, g), f"moe{i}", cfg, dtype, 64), pinned=True)
         names["moe-lora"].append(f"moe{i}")
+    mole = []
+    for i in range(4):
+        mgr.add(parse_adapter(mixlora_files(cfg, g, top_k=4, routing="sigmoid", global_gates=True), f"mole{i}", cfg, dtype, 64), pinned=True)
+        mole.append(f"mole{i}")
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, cfg.vocab_size, size=args.prompt_len).tolist() for _ in range(args.requests)]
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         loads[family] = [pool[i % len(pool)] for i in range(args.requests)]
     every = [None] + [n for pool in names.values() for n in pool[:4]]
     loads["mixed"] = [every[i % len(every)] for i in range(args.requests)]
+    loads["mole"] = [mole[i % len(mole)] for i in range(args.requests)]
     print(f"model {engine.model_name} (float32), torch threads {torch.get_num_threads()}; {args.requests} requests x "
           f"{args.prompt_len} prompt + {args.max_tokens} generated tokens per load, all running together")
     run_load(engine, prompts[:4], [None] * 4, 4)  # warm-up

@@ -49,10 +49,14 @@ def reclora_files(cfg, g, k=8, rank=8, targets=("q_proj", "v_proj")):
     return {"adapter_config.json": json.dumps(c).encode(), "adapter_model.safetensors": safetensors_save(t)}
 
 
-def mixlora_files(cfg, g, experts=4, top_k=2, rank=8):
+def mixlora_files(cfg, g, experts=4, top_k=2, rank=8, routing="top_k", global_gates=False):
+    """MixLoRA files; routing "sigmoid" with global_gates=True is MoLE (local sigmoid gates times per-sample global gates)."""
     t = {}
     for layer in range(cfg.num_layers):
         t[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(experts, cfg.hidden_size, generator=g) * 0.1
+        if global_gates:
+            t[f"mixlora.layers.{layer}.mlp.moe_global_gate.weight"] = torch.randn(experts, cfg.hidden_size, generator=g) * 0.1
+            t[f"mixlora.layers.{layer}.mlp.moe_global_gate.bias"] = torch.randn(experts, generator=g) * 0.1
         for m in ("gate_proj", "up_proj", "down_proj"):
             d_in, d_out = module_dims(cfg, m)
             for e in range(experts):
@@ -60,4 +64,6 @@ def mixlora_files(cfg, g, experts=4, top_k=2, rank=8):
                 t[f"{p}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
                 t[f"{p}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
     c = {"peft_type": "MIXLORA", "num_experts": experts, "top_k": top_k, "r": rank, "lora_alpha": rank, "act_fn": "silu"}
+    if routing != "top_k" or global_gates:
+        c |= {"routing": routing, "global_gates": global_gates}
     return {"adapter_config.json": json.dumps(c).encode(), "adapter_model.safetensors": safetensors_save(t)}

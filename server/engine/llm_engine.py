@@ -152,7 +152,10 @@ class LLMEngine:
         return True
 
     def _release_adapter(self, seq: Sequence) -> None:
+        """The sequence leaves the running batch (finished, aborted or preempted): its adapter is one user
+        lighter and its family state (e.g. MoLE's running sums) goes; a preempted one starts afresh."""
         self.adapters.release(seq.adapter)
+        self.runner.release_state(seq)
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:

@@ -15,6 +15,7 @@ from kernels import make_lora_plan
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
+from server.families.base import HookedAdapter, SeqRows
 from server.families.registry import FAMILIES, SPACES
 from server.layers.context import ForwardContext, PrefillChunk
 from server.lora.manager import AdapterManager
@@ -47,6 +48,7 @@ class StepLayout:
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (token start, end, context length, block table)
     sample_rows: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, token row) of sequences that sample
     hooked: dict[str, list[int]] = field(default_factory=dict)  # adapter -> its token rows, for families with a step hook
+    hooked_seqs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # ... and per sequence (seq id, first row, end row, first position)
     num_adapters: int = 0
 
 
@@ -65,6 +67,7 @@ class ModelRunner:
             layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype)
         self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
         self._generators: dict[int, torch.Generator] = {}
+        self._seq_state: dict[int, dict] = {}  # seq id -> its adapter family's state across steps (SeqRows.state)
 
     def zero_blocks(self, blocks: list[int]) -> None:
         """Clear blocks just handed to sequences: a block's earlier owner may have left anything in it."""
@@ -77,6 +80,12 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
+        self.release_state(seq)
+
+    def release_state(self, seq: Sequence) -> None:
+        """Drop the family state of a sequence leaving the running batch (finished, aborted or preempted:
+        a preempted sequence is recomputed from its first token, with fresh state)."""
+        self._seq_state.pop(seq.seq_id, None)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
@@ -85,7 +94,10 @@ class ModelRunner:
         layout = self.prepare(scheduled)
         ctx = self.plan(layout)
         hidden = self.forward(layout, ctx)
-        return self.sample(scheduled, layout, hidden)
+        result = self.sample(scheduled, layout, hidden)
+        for hook in ctx.hooks:  # the step completed: hooks commit their per-sequence state
+            hook.end_step()
+        return result
 
     # -- prepare: scheduled sequences -> flat lists ----------------------------------------------
     def _adapter_key(self, seq: Sequence) -> tuple:
@@ -118,6 +130,7 @@ class ModelRunner:
                 out.sample_rows.append((i, t0 + n - 1))
             if seq.adapter is not None and self.adapters.get(seq.adapter).weights is not None:
                 out.hooked.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
+                out.hooked_seqs.setdefault(seq.adapter, []).append((seq.seq_id, t0, t0 + n, start))
             if out.seg_keys and out.seg_keys[-1] == keys[i]:
                 out.seg_indptr[-1] = t0 + n
             else:
@@ -139,11 +152,12 @@ class ModelRunner:
         for index, name in enumerate(SPACE_ORDER):
             if space_plans := self._plans(layout.seg_indptr, layout.seg_keys, index):
                 plans[SPACES[name]] = space_plans
-        hooks = []
+        hooked: dict[str, list[HookedAdapter]] = {}  # family -> its adapters in this step
         for adapter, rows in layout.hooked.items():
             entry = self.adapters.get(adapter)
-            if (hook := FAMILIES[entry.family].step_hook(entry, torch.tensor(rows, dtype=torch.long))) is not None:
-                hooks.append(hook)
+            seqs = [SeqRows(t0, t1, pos, self._seq_state.setdefault(seq_id, {})) for seq_id, t0, t1, pos in layout.hooked_seqs[adapter]]
+            hooked.setdefault(entry.family, []).append(HookedAdapter(entry, torch.tensor(rows, dtype=torch.long), seqs))
+        hooks = [hook for family, adapters in hooked.items() for hook in FAMILIES[family].step_hooks(adapters)]
         return ForwardContext(
             slot_mapping=torch.tensor(layout.slots, dtype=torch.long),
             num_decode=len(layout.decode_tables),

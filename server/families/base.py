@@ -11,7 +11,8 @@ adapter manager, the model runner and the model ask the registry, never a family
 - A pool space (`PoolSpace`) names the pools it keeps per module and applies itself inside each
   linear layer with the step's plan for that module.
 - A family whose adapters need more than the plans during a step (routed experts) gives a
-  `step_hook` per step; a family whose adapters are made per user (RecLoRA) is `per_user` and its
+  `step_hooks` per step (`StepHook`: its hook points in the decoder layer, and per-sequence state that
+  lives across steps through `SeqRows`); a family whose adapters are made per user (RecLoRA) is `per_user` and its
   weights `personalize(state)` into placeable weights.
 """
 from __future__ import annotations
@@ -88,12 +89,52 @@ class PoolSpace(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class SeqRows:
+    """One sequence's tokens in a step, as a step hook sees them: rows [start, end) of the flat batch
+    hold the sequence's tokens at positions [pos, pos + end - start)."""
+
+    start: int
+    end: int
+    pos: int
+    # The family's state for this sequence, kept by the model runner across steps (the same dict every
+    # step) and dropped when the sequence leaves the running batch: finished, aborted, failed or preempted
+    # (a preempted sequence is recomputed from position 0 with a fresh, empty dict). Hooks change it
+    # only in end_step, so a step that fails leaves it as it was.
+    state: dict
+
+
+@dataclass(frozen=True, slots=True)
+class HookedAdapter:
+    """A resident adapter of a family with step hooks, in one step: its tokens' rows in the flat batch
+    (ascending) and the same rows per sequence."""
+
+    entry: Any  # the manager's resident entry (weights, row_start, ...)
+    tokens: torch.Tensor
+    seqs: list[SeqRows]
+
+
 class StepHook(Protocol):
-    """Per-step work of one adapter beyond the plans, called by every decoder layer."""
+    """Per-step work of one or more adapters beyond the plans. Every decoder layer calls each hook's
+    `before_down`, then (after the down projection) its `after_mlp`; the model runner calls `end_step`
+    once the step has completed. Subclass it to inherit no-op defaults for the points a hook does not use.
+
+    Shapes: T tokens in the flat batch, d = hidden size, i = intermediate size; the hook's own tokens
+    are the rows of the adapters it was made for (Family.step_hooks)."""
+
+    def before_down(self, layer: Any, h: torch.Tensor, gate_up: torch.Tensor, act: torch.Tensor) -> None:
+        """h: the MLP's input (T, d); gate_up: the base gate/up GEMMs (T, 2i); act: silu(gate) ⊙ up (T, i),
+        about to enter the down projection — edit the hook's rows in place (the down GEMM, its bias and
+        the step plans' down_proj deltas then apply to what is there)."""
+        return None
 
     def after_mlp(self, layer: Any, h: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor) -> None:
         """h: the MLP's input (T, d); gate_up: the base gate/up GEMMs (T, 2i); out: the MLP's output (T, d), to edit in place."""
-        ...
+        return None
+
+    def end_step(self) -> None:
+        """The step's forward pass and sampling completed: commit per-sequence state (SeqRows.state)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -102,5 +143,6 @@ class Family:
     claims: Callable[[FamilyTag], bool]  # is this config one of ours?
     parse: Callable[[dict[str, bytes], str, ParseContext], Any]  # files, adapter name -> weights (AdapterError if malformed)
     per_user: bool = False  # weights are a bank, made per user by `weights.personalize(state)`
-    # (resident adapter, its tokens' positions in the flat batch) -> hook, for families that route per step
-    step_hook: Callable[[Any, torch.Tensor], StepHook | None] | None = None
+    # the family's adapters in a step -> its hooks for the step (one per adapter, or one per group of
+    # adapters it can serve with one set of ops), for families that route per step
+    step_hooks: Callable[[list[HookedAdapter]], list[StepHook]] | None = None

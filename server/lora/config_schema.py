@@ -89,6 +89,7 @@ class MixLoraConfig(_Config):
     lora_alpha: float | None = Field(None, description="a finite number (default: r)")
     act_fn: Literal["silu"] = Field("silu", description="'silu' (the base model's MLP activation)")
     routing: Literal["top_k", "sigmoid"] = Field("top_k", description="'top_k' or 'sigmoid'")
+    global_gates: bool = Field(False, description="true or false (MoLE's per-sample global gates; needs routing 'sigmoid')")
     use_rslora: bool | None = Field(None, description="true or false")
 
 

@@ -162,7 +162,7 @@ class AdapterManager:
             space.clear(start, weights.units)
             space.units.release(start, weights.units)
             raise
-        hooked = FAMILIES[weights.family].step_hook is not None  # its hook consults the weights every step
+        hooked = FAMILIES[weights.family].step_hooks is not None  # its hook consults the weights every step
         entry = ResidentAdapter(weights.name, weights.family, weights.space, start, weights.units, weights.plan_units, weights.num_bytes,
                                 weights if hooked else None, weights.targets)  # fmt: skip
         self.resident[weights.name] = entry

@@ -60,8 +60,11 @@ class DecoderLayer(torch.nn.Module):
         h = self.post_attention_layernorm(x)
         gate_up = self.gate_up_proj(h, ctx)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        out = self.down_proj(F.silu(gate) * up, ctx)
-        for hook in ctx.hooks:  # adapters with per-step work of their own (routed experts)
+        act = F.silu(gate) * up
+        for hook in ctx.hooks:  # adapters with per-step work of their own (server.families.base.StepHook)
+            hook.before_down(self, h, gate_up, act)
+        out = self.down_proj(act, ctx)
+        for hook in ctx.hooks:
             hook.after_mlp(self, h, gate_up, out)
         return x + out
 
