@@ -240,8 +240,10 @@ def test_decode_steps_group_adapters_of_one_shape(mole_engine):
     from server.families.base import HookedAdapter, SeqRows
     from server.families.moe import FAMILY
 
+    cfg = mole_engine.model.config
+
     def hooked(name, rows):
-        return HookedAdapter(mole_engine.adapters.get(name), torch.tensor(rows), [SeqRows(r, r + 1, 5, {"moe_pos": 5, "moe_sums": torch.zeros(30, 576, dtype=torch.float64)}) for r in rows])
+        return HookedAdapter(mole_engine.adapters.get(name), torch.tensor(rows), [SeqRows(r, r + 1, 5, _carried(5, cfg.num_layers, cfg.hidden_size)) for r in rows])
 
     hooks = FAMILY.step_hooks([hooked("mole", [0, 1]), hooked("moe", [2]), hooked("mole-nobias", [3]), hooked("sig", [4])])
     assert sorted(len(h.members) for h in hooks) == [1, 1, 2]
