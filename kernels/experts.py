@@ -21,6 +21,8 @@ pool them: server.families.moe), continuing sums carried over from earlier steps
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,7 +147,10 @@ def routed_experts(act: Tensor, gate_up: Tensor, sg: Tensor | None, su: Tensor |
 
 
 def segment_running_sums_reference(x: Tensor, seg: Tensor, first: Tensor, base: Tensor) -> Tensor:
-    """Semantics: out[t] = base[s] + Σ_{first[s] <= u <= t} x[u]   for every row t of segment s = seg[t]
+    """Semantics: out[t] = base[s] + Σ_{first[s] <= u <= t} x[u]   for every row t of segment s = seg[t],
+    except that an element is NaN from a non-finite input on: out[t, j] is NaN if some x[u, j] with
+    first[s] <= u <= t is inf or NaN (it stays in its own segment: segments are separate sequences,
+    often of other tenants).
 
     x: [n, d] rows grouped into contiguous segments (segment s starts at row first[s]; seg[t]: the
     segment of row t, non-decreasing); base: [S, d] float64 sums carried into each segment. Returns
@@ -155,18 +160,27 @@ def segment_running_sums_reference(x: Tensor, seg: Tensor, first: Tensor, base: 
     for t in range(x.shape[0]):
         s = int(seg[t])
         prev = base[s] if t == int(first[s]) else out[t - 1]
-        out[t] = prev + x[t].double()
+        xt = x[t].double()
+        out[t] = torch.where(torch.isfinite(xt), prev + xt, math.nan)
     return out
 
 
 def segment_running_sums(x: Tensor, seg: Tensor, first: Tensor, base: Tensor) -> Tensor:
     """Semantics: as segment_running_sums_reference (same arguments).
 
-    One float64 cumsum over all rows, each segment's offset taken back at its first row: float64 holds
-    any realistic sum of float32 values exactly, so a segment's sums do not depend on the segments
-    before it (nor on how a sequence was split into steps). No host sync, no loop.
+    One float64 cumsum over all rows, each segment's offset taken back at its first row. Non-finite
+    inputs are summed as 0 and their own segment's elements set to NaN from them on (a count of them,
+    cumulated the same way), so they never reach another segment. Float64 sums of float32 inputs are
+    exact while a sum stays within 2^29 of its inputs' magnitudes (otherwise they differ by float64
+    rounding, ~1e-16 relative), so a segment's sums do not depend on the segments before it nor on
+    how a sequence was split into steps. No host sync, no loop.
     """
     x64 = x.to(torch.float64)
+    bad = ~torch.isfinite(x64)
+    x64 = x64.masked_fill(bad, 0.0)
     cs = x64.cumsum(0)
     before = cs.index_select(0, first) - x64.index_select(0, first)  # Σ of the rows before each segment
-    return cs.add_((base - before).index_select(0, seg))
+    out = cs.add_((base - before).index_select(0, seg))
+    bad_cs = bad.to(torch.int32).cumsum(0)  # exact counts
+    bad_before = bad_cs.index_select(0, first) - bad.index_select(0, first).to(torch.int32)
+    return out.masked_fill_(bad_cs > bad_before.index_select(0, seg), math.nan)

@@ -96,3 +96,26 @@ def test_segment_running_sums_do_not_depend_on_other_segments_or_chunking():
     head = segment_running_sums(x[:13], torch.zeros(13, dtype=torch.long), torch.tensor([0]), torch.zeros(1, 8, dtype=torch.float64))
     tail = segment_running_sums(x[13:], torch.zeros(27, dtype=torch.long), torch.tensor([0]), head[-1:])
     assert torch.equal(torch.cat([head, tail]), alone)
+
+
+def test_a_non_finite_input_stays_in_its_own_segment():
+    """Segments are separate sequences, often of other tenants: an inf or NaN in one (a request whose
+    numbers blew up, failing alone) must leave every other segment's sums as they are."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [3, 4, 1, 5]
+    n, d = sum(lengths), 6
+    x = torch.randn(n, d, generator=g)
+    seg = torch.tensor([i for i, k in enumerate(lengths) for _ in range(k)])
+    first = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    base = torch.randn(len(lengths), d, generator=g, dtype=torch.float64)
+    clean = segment_running_sums(x, seg, first, base)
+    x[4, 2], x[5, 0], x[7, 1] = float("inf"), float("nan"), float("-inf")  # rows of segments 1 and 2
+    fast, ref = segment_running_sums(x, seg, first, base), segment_running_sums_reference(x, seg, first, base)
+    torch.testing.assert_close(fast, ref, atol=1e-9, rtol=0, equal_nan=True)
+    for s in (0, 3):  # the other segments: exactly as without the bad inputs
+        rows = seg == s
+        assert torch.equal(fast[rows], clean[rows])
+    # in the bad segments, an element is NaN from its non-finite input on, and only there
+    assert not fast[3].isnan().any() and not fast[4, 0].isnan()
+    assert fast[4:7, 2].isnan().all() and fast[5:7, 0].isnan().all() and fast[7, 1].isnan()
+    assert fast[4:7].isnan().sum() == 3 + 2 and fast[7].isnan().sum() == 1

@@ -234,6 +234,53 @@ def test_a_group_of_adapters_in_one_hook_equals_each_through_its_reference(mole_
             torch.testing.assert_close(a_state["moe_sums"], b_state["moe_sums"], atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["one slice", "gathered"])
+def test_non_finite_inputs_of_one_adapter_in_a_group_leave_the_others_alone(mole_engine, layout):
+    """One adapter's tokens blew up (NaN hidden states: that request fails alone) while sharing a hook
+    with another tenant's adapter: the other's outputs and committed running sums are what they are
+    through its own reference, with nothing non-finite."""
+    from server.families.base import SeqRows
+    from server.families.moe import ExpertsStep, ExpertsStepReference, _Member
+
+    engine = mole_engine
+    layer = engine.model.layers[3]
+    cfg = engine.model.config
+    bad_entry, good_entry = engine.adapters.get("mole"), engine.adapters.get("mole-nobias")
+    T, d, i = 24, layer.gate_up_proj.in_features, layer.intermediate_size
+    if layout == "one slice":  # the bad adapter's rows come first, so a carry across rows would reach the good ones
+        spans = [[(2, 3, 7), (3, 4, 2)], [(4, 5, 9), (5, 6, 4)]]
+    else:
+        spans = [[(1, 2, 7), (8, 14, 0)], [(15, 16, 9), (20, 21, 4)]]
+    bad_rows = [t for s, e, _ in spans[0] for t in range(s, e)]
+    good_rows = torch.tensor([t for s, e, _ in spans[1] for t in range(s, e)])
+    h = torch.randn(T, d, generator=torch.Generator().manual_seed(3))
+    h[bad_rows] = float("nan")
+
+    def member(entry, adapter_spans):
+        tokens = torch.tensor([t for s, e, _ in adapter_spans for t in range(s, e)])
+        seqs = [SeqRows(s, e, pos, _carried(pos, cfg.num_layers, cfg.hidden_size)) for s, e, pos in adapter_spans]
+        return _Member(entry.weights, tokens, entry.row_start + entry.weights.attn_rank, seqs)
+
+    with torch.inference_mode():
+        gate_up = layer.gate_up_proj.base(h)
+        act = F.silu(gate_up[:, :i]) * gate_up[:, i:]
+        group, good = [member(bad_entry, spans[0]), member(good_entry, spans[1])], member(good_entry, spans[1])
+        results = []
+        for hook in (ExpertsStep(group), ExpertsStepReference(good.weights, good.tokens, good.expert_row_start, good.seqs)):
+            a = act.clone()
+            hook.before_down(layer, h, gate_up, a)
+            out = layer.down_proj.base(a)
+            hook.after_mlp(layer, h, gate_up, out)
+            hook.end_step()
+            results.append(out[good_rows])
+        fast, ref = results
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+        for grouped, alone in zip(group[1].seqs, good.seqs):
+            assert torch.isfinite(grouped.state["moe_sums"]).all()
+            torch.testing.assert_close(grouped.state["moe_sums"], alone.state["moe_sums"], atol=1e-9, rtol=0)
+
+
 def test_decode_steps_group_adapters_of_one_shape(mole_engine):
     """The family's step hooks: decode-sized adapters with experts of the same shape share a hook; other
     shapes and prefill-sized adapters get their own."""

@@ -23,7 +23,8 @@ prefilled at once, in chunks or recomputed after preemption, and it does not dep
 sequences of a batch. (The prompt's mean instead would not be causal within the prompt — a chunk's
 outputs would depend on later chunks, so chunked prefill would need a separate pooling pass over
 the whole prompt first — and it would freeze the global gates while the answer is generated.) Serving keeps, per sequence and layer, the running sum of
-x over the tokens computed so far (float64: sums of float32 values stay exact, so chunking does not
+x over the tokens computed so far (float64: exact for float32 inputs while a sum stays within 2^29 of
+its inputs' magnitudes, else within float64 rounding, ~1e-16 relative; so chunking does not
 change them), in the sequence's hook state (SeqRows.state: ~d·8 bytes per layer), committed when a
 step completes and dropped when the sequence finishes, fails, is aborted or is preempted (its
 recompute starts again from position 0).
@@ -342,23 +343,23 @@ class ExpertsStep(StepHook):
 
     def _layer(self, layer, fused: bool) -> tuple[list[_ExpertRows], tuple]:
         """Each adapter's expert rows in a layer's pools, as views, with its stacked and transposed shrink
-        weights, cached in the weights across steps (MoELoraWeights.fronts) while the pools, the rows
-        and the copied tensors are the ones they were made from: views follow the pools' contents; the
-        copies are remade when the A rows or the router change (tensor version counters). Also returns
-        every pool's identity and version, for _stacked."""
+        weights, cached in the weights across steps (MoELoraWeights.fronts) while the router and the
+        layer's MLP pools are the tensors, at the versions, they were made from (a pool written for any
+        adapter remakes the copies; the views hold the pools, so an identity is never reused). Also
+        returns those pool identities and versions, for _stacked."""
         gate_up, down = layer.gate_up_proj.slots, layer.down_proj.slots
         pools = (gate_up["gate_proj"].pools, gate_up["up_proj"].pools, down["down_proj"].pools)
         tensors = tuple(p.get(name) for p in pools for name in ("lora_a", "lora_b"))
-        pool_key = tuple(None if t is None else (id(t), t._version if i in (0, 2) else 0) for i, t in enumerate(tensors))
+        versions = tuple(None if t is None else (id(t), t._version) for t in tensors)
         out = []
         for m in self.members:
             router = m.weights.routers[layer.layer_idx]
-            key = (m.expert_row_start, fused, router._version, pool_key)
+            key = (m.expert_row_start, fused, router._version, versions)
             rows = m.weights.fronts.get(layer.layer_idx)
             if rows is None or rows.router is not router or rows.key != key:
                 rows = m.weights.fronts[layer.layer_idx] = _ExpertRows(m.weights, layer.layer_idx, key, tensors, m.expert_row_start, fused)
             out.append(rows)
-        return out, tuple(None if t is None else (id(t), t._version) for t in tensors)
+        return out, versions
 
     def _stacked(self, layer_idx: int, rows: list[_ExpertRows], versions: tuple) -> _Stacked:
         """The group's weights per layer, stacked (A, ...): views for one adapter; for several, copies,
