@@ -334,6 +334,20 @@ def test_global_gates_in_a_batch_with_other_adapters_equal_each_alone(mole_engin
     assert mole_engine.runner._seq_state == {}
 
 
+def test_aborted_sequences_leave_no_running_sums(mole_engine):
+    seqs = [Sequence(mole_engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), "mole") for p in PROMPTS[:2]]
+    for seq in seqs:
+        mole_engine.add(seq)
+    for _ in range(3):
+        mole_engine.step()
+    assert len(mole_engine.runner._seq_state) == 2
+    mole_engine.abort(seqs[0])
+    assert set(mole_engine.runner._seq_state) == {seqs[1].seq_id}
+    while mole_engine.has_work():
+        mole_engine.step()
+    assert mole_engine.runner._seq_state == {}
+
+
 def test_chunked_prefill_equals_unchunked(mole_engine, model_dir, mole_files, tmp_path):
     from server.engine.llm_engine import LLMEngine
 

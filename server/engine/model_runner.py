@@ -80,11 +80,11 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
-        self.release_state(seq)
 
     def release_state(self, seq: Sequence) -> None:
-        """Drop the family state of a sequence leaving the running batch (finished, aborted or preempted:
-        a preempted sequence is recomputed from its first token, with fresh state)."""
+        """Drop the family state of a sequence leaving the running batch (finished, failed, aborted or
+        preempted: a preempted sequence is recomputed from its first token, with fresh state). The
+        engine calls it whenever the scheduler lets a sequence's adapter go."""
         self._seq_state.pop(seq.seq_id, None)
 
     @torch.inference_mode()
