@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 __all__ = ["available", "sgmv_lora_triton", "s2ft_col_triton", "s2ft_row_triton", "routed_lora_triton",
-           "routed_lora_reference"]
+           "routed_lora_reference", "paged_decode_attention_triton", "paged_prefill_attention_triton"]
 
 _WHERE = {
     "sgmv_lora_triton": "kernels.triton.lora",
@@ -20,6 +20,8 @@ _WHERE = {
     "s2ft_row_triton": "kernels.triton.s2ft",
     "routed_lora_triton": "kernels.triton.experts",
     "routed_lora_reference": "kernels.triton.experts",
+    "paged_decode_attention_triton": "kernels.triton.attention",
+    "paged_prefill_attention_triton": "kernels.triton.attention",
 }
 
 
