@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kernels.staging import HostStaging
 
 __all__ = ["LoraPlan", "make_lora_plan", "LONG_SEGMENT_TOKENS", "LOOP_MAX_SEGMENTS"]
 
@@ -72,8 +76,11 @@ def make_lora_plan(
     seg_row_start: Sequence[int],
     seg_rank: Sequence[int],
     device: torch.device | str | None = None,
+    staging: "HostStaging | None" = None,
 ) -> LoraPlan:
-    """Validate segment metadata, choose the path and precompute its index tensors on `device`."""
+    """Validate segment metadata, choose the path and precompute its index tensors on `device`: at
+    once, or with `staging` (kernels.staging.HostStaging) as part of the step's one host->device copy,
+    in which case they exist once the staging is uploaded."""
     indptr, starts, ranks = [int(v) for v in seg_indptr], [int(v) for v in seg_row_start], [int(v) for v in seg_rank]
     n_seg = len(starts)
     if len(indptr) != n_seg + 1 or len(ranks) != n_seg:
@@ -96,7 +103,7 @@ def make_lora_plan(
         plan.path, plan.loop_segs = "loop", segs
         return plan
     plan.loop_segs = tuple(sg for sg in segs if sg[1] - sg[0] >= LONG_SEGMENT_TOKENS)
-    _build_batched(plan, short, torch.device(device) if device is not None else torch.device("cpu"))
+    _build_batched(plan, short, torch.device(device) if device is not None else torch.device("cpu"), staging)
     plan.path = "loop+batched" if plan.loop_segs else "batched"
     return plan
 
@@ -117,7 +124,8 @@ def _as_range(idx: array) -> tuple[int, int] | None:
     return (lo, lo + len(idx)) if idx == array("q", range(lo, lo + len(idx))) else None
 
 
-def _build_batched(plan: LoraPlan, segs: tuple[tuple[int, int, int, int], ...], device: torch.device) -> None:
+def _build_batched(plan: LoraPlan, segs: tuple[tuple[int, int, int, int], ...], device: torch.device,
+                   staging: "HostStaging | None" = None) -> None:
     R = max(r for _, _, _, r in segs)
     L = _pick_group_len([e - s for s, e, _, _ in segs], R)
     # array('q') + one frombuffer: ~10x cheaper than torch.tensor(list) per element.
@@ -153,6 +161,12 @@ def _build_batched(plan: LoraPlan, segs: tuple[tuple[int, int, int, int], ...], 
         parts["h_pos"] = h_pos
     if not (dense and L == 1):  # else bag_rows == a_rows
         parts["bag_rows"] = bag_rows
+    if staging is not None:
+        for name, v in parts.items():
+            staging.add(v, partial(setattr, plan, name))
+        if "bag_rows" not in parts:
+            staging.add((), lambda _: setattr(plan, "bag_rows", plan.a_rows))  # after a_rows has arrived
+        return
     flat = array("q")
     for v in parts.values():
         flat.extend(v)

@@ -59,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-dir", type=Path, default=None, help="serve every subdirectory holding adapter_config.json, named after it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of activations and adapters")
+    serve.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="where the engine runs (auto: the GPU when torch sees one, else the CPU)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="compute dtype of activations and adapters (auto: float32 on CPU, bfloat16 on CUDA, float16 on GPUs without bf16)")
     serve.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
                        help="base weights: int8 per output channel or int4 group-wise, weight-only (auto: the fastest measured for this device)")
     serve.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale/zero group")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per engine step (long prompts are prefilled in chunks)")
-    serve.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV-cache budget in tokens")
+    serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache budget in tokens (default: 32768 on CPU; on CUDA what --gpu-memory-utilization leaves)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the GPU's memory to fill with weights, adapter pools and KV cache")
+    serve.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, without CUDA graphs")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
@@ -238,12 +242,13 @@ def _serve(args) -> int:
     from server.engine.llm_engine import LLMEngine
 
     config = EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        model=args.model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
         quantization=args.quantization, quant_group_size=args.quant_group_size,
         adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
     )
     engine = LLMEngine(config)
     service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)

@@ -9,14 +9,18 @@ from pathlib import Path
 class EngineConfig:
     model: Path | None = None  # None = the embedded SmolLM2
     served_model_name: str | None = None
-    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (server.engine.device)
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto | none | int8 | int4 (server.models.quantize)
     quant_group_size: int = 32  # int4 group width (input columns per scale/zero)
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> PEFT directory
     adapters_dir: Path | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    kv_cache_tokens: int = 32768
+    kv_cache_tokens: int | None = None  # None: 32768 on CPU; on CUDA what fits in gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory hotswap may fill (weights, pools, KV cache)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    kernels: str = "auto"  # auto (Triton on CUDA when it imports, else torch) | triton | torch (kernels.dispatch)
     block_size: int = 16
     max_model_len: int | None = None  # None = the model's context, capped by the KV cache
     max_lora_rank: int = 64

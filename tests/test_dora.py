@@ -22,7 +22,7 @@ from server.config import EngineConfig
 from server.engine.sequence import SamplingParams, Sequence
 from server.families.base import ParseContext
 from server.families.registry import FAMILIES, SPACES, detect_family, parse_adapter
-from server.layers.context import ForwardContext, PrefillChunk
+from server.layers.context import prefill_context
 from server.lora.config_schema import FamilyTag
 from server.lora.peft import AdapterError
 from server.models.modules import ADAPTER_MODULES, module_dims
@@ -194,7 +194,7 @@ def _prefill_logits(engine, ids: list[int], adapter: str) -> torch.Tensor:
     entry = engine.adapters.get(adapter)
     assert entry.space == "dora"
     plan = make_lora_plan([0, n], [entry.row_start], [entry.rank])
-    ctx = ForwardContext(slots, 0, None, None, [PrefillChunk(0, n, 0, table)], {SPACES["dora"]: {m: plan for m in ADAPTER_MODULES}})
+    ctx = prefill_context(slots, table.tolist(), {SPACES["dora"]: {m: plan for m in ADAPTER_MODULES}})
     with torch.inference_mode():
         return engine.model.compute_logits(engine.model(torch.tensor(ids), torch.arange(n), ctx))
 

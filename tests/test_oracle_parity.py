@@ -46,7 +46,7 @@ def test_greedy_tokens_equal_transformers_peft(engine, model_dir, adapter_dirs, 
 @pytest.mark.parametrize("adapter", [None, "r8-all"])
 def test_prompt_logits_match_transformers_peft(engine, model_dir, adapter_dirs, adapter):
     """The logits of every prompt position, from our prefill, are within LOGIT_ATOL of the oracle's."""
-    from server.layers.context import ForwardContext, PrefillChunk
+    from server.layers.context import prefill_context
     from kernels import make_lora_plan
 
     hf = _hf_model(model_dir, adapter_dirs[adapter] if adapter else None)
@@ -62,7 +62,7 @@ def test_prompt_logits_match_transformers_peft(engine, model_dir, adapter_dirs, 
     if adapter:
         entry = engine.adapters.get(adapter)
         plan = make_lora_plan([0, n], [entry.row_start], [entry.rank])
-    ctx = ForwardContext(slots, 0, None, None, [PrefillChunk(0, n, 0, table)], {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}} if plan else {})
+    ctx = prefill_context(slots, table.tolist(), {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}} if plan else {})
     with torch.inference_mode():
         ours = engine.model.compute_logits(engine.model(ids[0], torch.arange(n), ctx))
     err = (ours - ref).abs().max().item()
@@ -80,7 +80,7 @@ def test_bfloat16_engine_tracks_float32(model_dir, adapter_dirs, engine):
     ids = bf16.tokenizer(chat, add_special_tokens=False)["input_ids"]
     assert "Paris" in bf16.tokenizer.decode(_run_alone(bf16, ids, None, max_tokens=10))
 
-    from server.layers.context import ForwardContext, PrefillChunk
+    from server.layers.context import prefill_context
     from kernels import make_lora_plan
 
     def prefill_logits(eng, adapter):
@@ -88,7 +88,7 @@ def test_bfloat16_engine_tracks_float32(model_dir, adapter_dirs, engine):
         table = torch.arange(eng.block_manager.blocks_needed(n))
         entry = eng.adapters.get(adapter)
         plan = make_lora_plan([0, n], [entry.row_start], [entry.rank])
-        ctx = ForwardContext(torch.arange(n), 0, None, None, [PrefillChunk(0, n, 0, table)], {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}})
+        ctx = prefill_context(torch.arange(n), table.tolist(), {SPACES["lora"]: {m: plan for m in ADAPTER_MODULES}})
         with torch.inference_mode():
             return eng.model.compute_logits(eng.model(torch.tensor(ids), torch.arange(n), ctx))[-1]
 

@@ -93,8 +93,8 @@ def test_adapter_delta_on_quantized_base_matches_reference(mode):
     lin.refresh_active()
     plan = make_lora_plan([0, 3, 5, 9], [0, -1, 4], [4, 0, 8])
     x = torch.randn(9, 64, generator=g)
-    empty = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_mask=None)
-    ctx = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_mask=None,
+    empty = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_seq_lens=None)
+    ctx = ForwardContext(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=0, decode_block_tables=None, decode_seq_lens=None,
                          plans={SPACES["lora"]: {"v_proj": plan}})
     base, adapted = lin(x, empty), lin(x, ctx)
     _close(base, x @ lin.quant.dequantize().T, BF16_REL)

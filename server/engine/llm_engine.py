@@ -13,10 +13,12 @@ from transformers import AutoTokenizer
 from kernels.dispatch import select_kernels
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
+from server.engine.transfer import transfers_for
 from server.errors import AdapterTooLarge
 from server.lora.manager import AdapterManager
 from server.families.registry import FAMILIES, parse_adapter
@@ -27,7 +29,6 @@ from server.models.quantize import describe_kernels, quantize_model, resolve_qua
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ENGINE_FAILED = "the engine failed while computing this request"
 
 
@@ -66,36 +67,44 @@ class LLMEngine:
         # adapters are checked against this: same name and same architecture/config
         self.base_fingerprint = f"{self.model_name}:{hashlib.sha256((self.model_dir / 'config.json').read_bytes()).hexdigest()[:16]}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        kv_tokens = config.kv_cache_tokens
-        limit = config.max_model_len or 10**9
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype_name = dtype_name(dtype)
         mcfg = ModelConfig.from_dir(self.model_dir)
-        self.max_model_len = min(limit, mcfg.max_position_embeddings, kv_tokens)
+        positions = min(config.max_model_len or 10**9, mcfg.max_position_embeddings)
         t0 = time.perf_counter()
-        self.model = load_model(self.model_dir, DTYPES[config.dtype], self.max_model_len)
-        self.device = torch.device("cpu")  # the engine runs on the CPU; kernels are picked per device all the same
+        # Loaded on the host, quantized there into the device's kernel layout, then moved.
+        self.model = load_model(self.model_dir, dtype, positions)
         self.quantization = resolve_quantization(config.quantization, self.device)
-        quantize_model(self.model, self.quantization, config.quant_group_size)
-        adapter_kernels = select_kernels(self.device)
+        quantize_model(self.model, self.quantization, config.quant_group_size)  # TEMP
+        self.model.to(self.device)
+        adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)
         self.kernels = describe_kernels(self.device, self.quantization, config.quant_group_size, adapter_kernels.name)
-        log.info("loaded %s (%s, %d layers, base %s, %.0f MiB of weights) in %.1f s; kernels: %s", self.model_name,
-                 config.dtype, mcfg.num_layers, self.quantization, weight_bytes(self.model) / 2**20,
+        log.info("loaded %s on %s (%s, %d layers, base %s, %.0f MiB of weights) in %.1f s; kernels: %s", self.model_name, self.device,
+                 self.dtype_name, mcfg.num_layers, self.quantization, weight_bytes(self.model) / 2**20,
                  time.perf_counter() - t0, "; ".join(f"{k}: {v}" for k, v in self.kernels.items()))
         self.eos_token_ids = frozenset(
             t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
         )
 
-        self.adapters = AdapterManager(self.model, config.adapter_memory_bytes)
+        self.adapters = AdapterManager(self.model, config.adapter_memory_bytes, device=self.device,
+                                       transfers=transfers_for(self.device), preallocate=self.device.type == "cuda")
         self.static_adapters: set[str] = set()  # --adapter / --adapters-dir: pinned, usable by every caller
         for name, path in self._adapter_sources().items():
             self.load_adapter(name, path)
 
+        kv_bytes_per_token = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * dtype.itemsize
+        # activations of the largest step, roughly: the logits and MLP intermediates of every batched token
+        reserve = config.max_num_batched_tokens * (mcfg.intermediate_size * 4 + mcfg.hidden_size * 8) * 4
+        kv_tokens = kv_cache_tokens(config.kv_cache_tokens, self.device, kv_bytes_per_token, config.gpu_memory_utilization, reserve)
+        self.max_model_len = min(positions, kv_tokens)
         num_blocks = kv_tokens // config.block_size
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter
         )
-        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device)
         log.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
             num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,

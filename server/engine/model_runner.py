@@ -4,20 +4,28 @@ One step is four stages (as in nano-vllm): `prepare` lays the scheduled tokens o
 lists, `plan` turns them into the forward context (KV slots, attention tables, each pool space's
 per-module segment plans, the step hooks of families that route), `forward` runs the model and
 `sample` picks the next tokens.
+
+Every tensor lives on the engine's device. A step's index tensors (token ids, positions, KV slots,
+block tables, segment plans, hook rows, sampled rows, blocks to clear) are laid out on the host and
+moved in one copy (kernels.staging.HostStaging: pinned and non-blocking on CUDA); the one
+device->host transfer of a step is the sampled tokens (`_to_host`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from kernels import make_lora_plan
-from server.engine.sampler import sample
+from kernels.attention import PrefillChunks
+from kernels.staging import HostStaging
+from server.engine.sampler import NON_FINITE, sample
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from server.families.base import HookedAdapter, SeqRows
 from server.families.registry import FAMILIES, SPACES
-from server.layers.context import ForwardContext, PrefillChunk
+from server.layers.context import ForwardContext
 from server.lora.manager import AdapterManager
 from server.models.llama import LlamaForCausalLM
 from server.models.modules import ADAPTER_MODULES
@@ -47,14 +55,17 @@ class StepLayout:
     decode_lens: list[int] = field(default_factory=list)
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (token start, end, context length, block table)
     sample_rows: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, token row) of sequences that sample
+    sample_positions: list[int] = field(default_factory=list)  # ... and the position of the token each one samples
     hooked: dict[str, list[int]] = field(default_factory=dict)  # adapter -> its token rows, for families with a step hook
     hooked_seqs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # ... and per sequence (seq id, first row, end row, first position)
     num_adapters: int = 0
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, adapters: AdapterManager, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu"):
         self.model, self.adapters, self.block_size = model, adapters, block_size
+        self.device = torch.device(device)
         cfg = model.config
         # One block more than the block manager hands out: the null block, all zeros for ever, pads the
         # decode block tables. Attention masks padded and not-yet-written positions, but a mask only
@@ -63,23 +74,19 @@ class ModelRunner:
         self.null_block = num_blocks
         shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         for layer in model.layers:
-            layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype)
-            layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype)
+            layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
+            layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
-        self._generators: dict[int, torch.Generator] = {}
+        self._fresh_blocks: list[int] = []  # handed to sequences, cleared by the next step before its forward
         self._seq_state: dict[int, dict] = {}  # seq id -> its adapter family's state across steps (SeqRows.state)
 
     def zero_blocks(self, blocks: list[int]) -> None:
-        """Clear blocks just handed to sequences: a block's earlier owner may have left anything in it."""
-        if not blocks:
-            return
-        index = torch.tensor(blocks, dtype=torch.long)
-        for layer in self.model.layers:
-            layer.attn.k_cache.index_fill_(0, index, 0)
-            layer.attn.v_cache.index_fill_(0, index, 0)
+        """Clear blocks just handed to sequences before the next forward reads them: a block's earlier
+        owner may have left anything in it. (Done by the next step, with its index tensors.)"""
+        self._fresh_blocks.extend(blocks)
 
     def release(self, seq: Sequence) -> None:
-        self._generators.pop(seq.seq_id, None)
+        """A sequence is done with the runner (seeded sampling keeps no per-sequence generator)."""
 
     def release_state(self, seq: Sequence) -> None:
         """Drop the family state of a sequence leaving the running batch (finished, failed, aborted or
@@ -92,9 +99,9 @@ class ModelRunner:
         """The sampled token of every scheduled sequence, the sequences that failed alone, and the
         number of distinct adapters in the step."""
         layout = self.prepare(scheduled)
-        ctx = self.plan(layout)
-        hidden = self.forward(layout, ctx)
-        result = self.sample(scheduled, layout, hidden)
+        ctx, step = self.plan(layout)
+        hidden = self.forward(step, ctx)
+        result = self.sample(scheduled, layout, step, hidden)
         for hook in ctx.hooks:  # the step completed: hooks commit their per-sequence state
             hook.end_step()
         return result
@@ -128,6 +135,7 @@ class ModelRunner:
                 out.prefills.append((t0, t0 + n, start, table))
             if item.samples:
                 out.sample_rows.append((i, t0 + n - 1))
+                out.sample_positions.append(start + n)
             if seq.adapter is not None and self.adapters.get(seq.adapter).weights is not None:
                 out.hooked.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
                 out.hooked_seqs.setdefault(seq.adapter, []).append((seq.seq_id, t0, t0 + n, start))
@@ -140,36 +148,83 @@ class ModelRunner:
         return out
 
     # -- plan: flat lists -> the forward context -------------------------------------------------
-    def plan(self, layout: StepLayout) -> ForwardContext:
-        bs = self.block_size
-        decode_tables = decode_mask = None
-        if layout.decode_tables:
-            width = max(len(t) for t in layout.decode_tables)
-            decode_tables = torch.tensor([t + [self.null_block] * (width - len(t)) for t in layout.decode_tables], dtype=torch.long)
-            lens = torch.tensor(layout.decode_lens)
-            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(layout.decode_tables), 1, 1, -1)
-        plans = {}
-        for index, name in enumerate(SPACE_ORDER):
-            if space_plans := self._plans(layout.seg_indptr, layout.seg_keys, index):
-                plans[SPACES[name]] = space_plans
+    def plan(self, layout: StepLayout) -> tuple[ForwardContext, dict[str, torch.Tensor]]:
+        """The forward context and the step's own device tensors (input_ids, positions, sample_rows),
+        every index tensor of both moved in one host->device copy."""
+        staging = HostStaging(self.device)
+        dev: dict[str, torch.Tensor] = {}
+
+        def stage(key: str, values) -> None:
+            staging.add(values, partial(dev.__setitem__, key))
+
+        for key in ("input_ids", "positions", "slots"):
+            stage(key, getattr(layout, key))
+        stage("sample_rows", [row for _, row in layout.sample_rows])
+        fresh, self._fresh_blocks = self._fresh_blocks, []
+        try:
+            stage("fresh_blocks", fresh)
+            plans = self._stage_step(layout, staging, stage)
+            staging.upload()
+            self._zero(dev["fresh_blocks"])
+        except BaseException:
+            self._fresh_blocks[:0] = fresh  # not cleared: the next step (e.g. the one-at-a-time retry) clears them
+            raise
+
         hooked: dict[str, list[HookedAdapter]] = {}  # family -> its adapters in this step
-        for adapter, rows in layout.hooked.items():
+        for adapter in layout.hooked:
             entry = self.adapters.get(adapter)
             seqs = [SeqRows(t0, t1, pos, self._seq_state.setdefault(seq_id, {})) for seq_id, t0, t1, pos in layout.hooked_seqs[adapter]]
-            hooked.setdefault(entry.family, []).append(HookedAdapter(entry, torch.tensor(rows, dtype=torch.long), seqs))
+            hooked.setdefault(entry.family, []).append(HookedAdapter(entry, dev[f"hooked:{adapter}"], seqs))
         hooks = [hook for family, adapters in hooked.items() for hook in FAMILIES[family].step_hooks(adapters)]
-        return ForwardContext(
-            slot_mapping=torch.tensor(layout.slots, dtype=torch.long),
-            num_decode=len(layout.decode_tables),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
-            prefills=[PrefillChunk(t0, t1, ctx_len, torch.tensor(table, dtype=torch.long)) for t0, t1, ctx_len, table in layout.prefills],
+        num_decode = len(layout.decode_tables)
+        prefill = None
+        if layout.prefills:
+            first = layout.prefills[0][0]
+            prefill = PrefillChunks(
+                starts=[t0 - first for t0, *_ in layout.prefills], ends=[t1 - first for _, t1, *_ in layout.prefills],
+                context_lens=[ctx_len for _, _, ctx_len, _ in layout.prefills], cu_q_lens=dev["prefill_cu_q"],
+                context_lens_t=dev["prefill_ctx"], block_tables=dev["prefill_tables"].view(len(layout.prefills), -1),
+                max_q_len=max(t1 - t0 for t0, t1, *_ in layout.prefills),
+            )
+        ctx = ForwardContext(
+            slot_mapping=dev["slots"],
+            num_decode=num_decode,
+            decode_block_tables=dev["decode_tables"].view(num_decode, -1) if num_decode else None,
+            decode_seq_lens=dev.get("decode_lens"),
+            prefill=prefill,
             plans=plans,
             hooks=hooks,
         )
+        return ctx, dev
 
-    @staticmethod
-    def _plans(seg_indptr: list[int], seg_keys: list[tuple], space: int) -> dict:
+    def _stage_step(self, layout: StepLayout, staging: HostStaging, stage) -> dict:
+        """Stage the attention tables and the hooks' rows; build the plans (their index tensors are
+        staged too and arrive with the upload)."""
+        if layout.decode_tables:
+            width = max(len(t) for t in layout.decode_tables)
+            stage("decode_tables", [b for t in layout.decode_tables for b in t + [self.null_block] * (width - len(t))])
+            stage("decode_lens", layout.decode_lens)
+        if layout.prefills:
+            width = max(len(t) for *_, t in layout.prefills)
+            first = layout.prefills[0][0]  # prefill rows are counted from the first prefill token
+            stage("prefill_tables", [b for *_, t in layout.prefills for b in t + [self.null_block] * (width - len(t))])
+            stage("prefill_cu_q", [t0 - first for t0, *_ in layout.prefills] + [layout.prefills[-1][1] - first])
+            stage("prefill_ctx", [ctx_len for _, _, ctx_len, _ in layout.prefills])
+        for adapter, rows in layout.hooked.items():
+            stage(f"hooked:{adapter}", rows)
+        plans = {}
+        for index, name in enumerate(SPACE_ORDER):
+            if space_plans := self._plans(layout.seg_indptr, layout.seg_keys, index, staging):
+                plans[SPACES[name]] = space_plans
+        return plans
+
+    def _zero(self, blocks: torch.Tensor) -> None:
+        if blocks.numel():
+            for layer in self.model.layers:
+                layer.attn.k_cache.index_fill_(0, blocks, 0)
+                layer.attn.v_cache.index_fill_(0, blocks, 0)
+
+    def _plans(self, seg_indptr: list[int], seg_keys: list[tuple], space: int, staging: HostStaging) -> dict:
         """Per module name, the space's segment plan over the adapters that target it: an adapter
         pays only for its own modules, and base or other-space segments carry no delta."""
         plans, built = {}, {}
@@ -179,35 +234,32 @@ class ModelRunner:
                 continue
             ranks = tuple(k[2] if r >= 0 else 0 for k, r in zip(seg_keys, rows))
             if (rows, ranks) not in built:
-                built[(rows, ranks)] = make_lora_plan(seg_indptr, rows, ranks)
+                built[(rows, ranks)] = make_lora_plan(seg_indptr, rows, ranks, self.device, staging)
             plans[module] = built[(rows, ranks)]
         return plans
 
     # -- forward and sample ----------------------------------------------------------------------
-    def forward(self, layout: StepLayout, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(torch.tensor(layout.input_ids, dtype=torch.long), torch.tensor(layout.positions, dtype=torch.long), ctx)
+    def forward(self, step: dict[str, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        return self.model(step["input_ids"], step["positions"], ctx)
 
-    def sample(self, scheduled: list[ScheduledSeq], layout: StepLayout, hidden: torch.Tensor) -> StepResult:
+    def sample(self, scheduled: list[ScheduledSeq], layout: StepLayout, step: dict[str, torch.Tensor], hidden: torch.Tensor) -> StepResult:
         sampled: list[int | None] = [None] * len(scheduled)
         failures: dict[int, str] = {}
         if layout.sample_rows:
-            last_hidden = hidden[torch.tensor([r for _, r in layout.sample_rows])]
+            last_hidden = hidden[step["sample_rows"]]
             # finite hidden states give finite logits (base weights are finite, the state is normalised)
-            finite = torch.isfinite(last_hidden).all(dim=-1).tolist()
+            finite = torch.isfinite(last_hidden).all(dim=-1)
             logits = self.model.compute_logits(last_hidden)
-            seqs = [scheduled[i].seq for i, _ in layout.sample_rows]
-            tokens, failed_rows = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs], finite)
-            for row, ((i, _), tok) in enumerate(zip(layout.sample_rows, tokens)):
-                if row in failed_rows:
-                    failures[i] = failed_rows[row]
+            params = [scheduled[i].seq.params for i, _ in layout.sample_rows]
+            tokens = self._to_host(sample(logits, params, layout.sample_positions, finite))
+            for (i, _), tok in zip(layout.sample_rows, tokens):
+                if tok < 0:
+                    failures[i] = NON_FINITE
                 else:
                     sampled[i] = tok
         return StepResult(sampled, failures, layout.num_adapters)
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None or seq.params.greedy:
-            return None
-        gen = self._generators.get(seq.seq_id)
-        if gen is None:
-            gen = self._generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
-        return gen
+    @staticmethod
+    def _to_host(tokens: torch.Tensor) -> list[int]:
+        """The step's one device->host transfer (it waits for the step's kernels to finish)."""
+        return tokens.tolist()

@@ -69,6 +69,9 @@ class AdapterWeights(Protocol):
 
     def module_units(self) -> dict[str, int]: ...  # module -> units (rank, entries), the largest over layers: for manifests
 
+    # Families with step hooks also give `on_device(device) -> weights`: the weights whose tensors the
+    # hooks read every step (routers, gates), on the engine's device (the adapter manager keeps those).
+
 
 class PoolSpace(Protocol):
     """Device pools of one kind, one set per logical module, indexed by unit; applied inside the linear."""

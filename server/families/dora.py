@@ -36,6 +36,9 @@ class DoraWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     # (layer, module) -> f = m / ‖W + s B A‖_row (d_out,), float32
     factors: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # (dtype, (layer, module) -> pool -> rows): its pool rows laid out in pinned host memory, kept by the
+    # adapter manager on CUDA so the next load is one copy (server.lora.manager)
+    host_rows: tuple | None = field(default=None, repr=False, compare=False)
 
     family = "dora"
     space = "dora"

@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from kernels.experts import TOPK_MIN_TOKENS, routed_experts, segment_running_sums, segment_running_sums_reference
+from kernels.experts import TOPK_MIN_TOKENS, segment_running_sums, segment_running_sums_reference
 from server.families.base import Family, HookedAdapter, SeqRows, StepHook
 from server.lora.config_schema import MixLoraConfig, brief
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, AdapterError, cast_weight, load_tensors, parse_adapter_config
@@ -93,6 +93,9 @@ class MoELoraWeights:
     # layer -> (router, key, [W_r; A_G; A_U] rows): ExpertsStep's fused shrink weights, copied from the router and
     # the pool rows while both stay what they were (key: pool row addresses and version counters)
     fronts: dict = field(default_factory=dict, repr=False, compare=False)
+    # (dtype, (layer, module) -> pool -> rows): its pool rows laid out in pinned host memory, kept by the
+    # adapter manager on CUDA so the next load is one copy (server.lora.manager)
+    host_rows: tuple | None = field(default=None, repr=False, compare=False)
     family = "moe-lora"
     space = "lora"  # attention LoRA rows, then each expert's rows (server.families.lora)
 
@@ -132,6 +135,15 @@ class MoELoraWeights:
             r = a.shape[0]
             pools["lora_a"][row : row + r] = a
             pools["lora_b"][row : row + r] = (b.float().T * self.scale(r)).to(dtype)
+
+    def on_device(self, device: torch.device) -> "MoELoraWeights":
+        """What the step hooks read every step (routers, global gates), on the engine's device; the
+        expert and attention LoRAs are in the pools already."""
+        if all(t.device == device for t in self.routers.values()):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, routers={k: move(t) for k, t in self.routers.items()},
+                       global_gates={k: (move(w), move(b)) for k, (w, b) in self.global_gates.items()}, fronts={}, host_rows=None)
 
     def scale(self, rank: int) -> float:
         """PEFT's scale for a LoRA of this rank: alpha / r (alpha / √r with rsLoRA)."""
@@ -316,14 +328,16 @@ class ExpertsStep(StepHook):
         self.shape = _shape(first)
         counts = [len(m.tokens) for m in members]
         self.n = max(counts)
-        tokens = torch.cat([m.tokens for m in members])
-        start = int(tokens[0]) if len(tokens) else 0
-        if all(c == self.n for c in counts) and torch.equal(tokens, torch.arange(start, start + len(tokens))):
-            self.span, self.valid, self.rows = (start, start + len(tokens)), None, None
+        # the layout is decided from the sequences' rows on the host (the token tensors are on the device)
+        host_rows = [row for m in members for sq in m.seqs for row in range(sq.start, sq.end)]
+        start = host_rows[0] if host_rows else 0
+        if all(c == self.n for c in counts) and host_rows == list(range(start, start + len(host_rows))):
+            self.span, self.valid, self.rows = (start, start + len(host_rows)), None, None
         else:
             self.span = None
-            self.rows = tokens  # the flat batch rows of the valid entries, in (adapter, token) order ...
-            self.valid = torch.cat([torch.arange(c) + a * self.n for a, c in enumerate(counts)])  # ... and their positions in (A·n)
+            self.rows = torch.cat([m.tokens for m in members])  # the flat batch rows of the valid entries, in (adapter, token) order ...
+            device = self.rows.device
+            self.valid = torch.cat([torch.arange(c, device=device) + a * self.n for a, c in enumerate(counts)])  # ... and their positions in (A·n)
             self.gather = torch.stack([torch.cat([m.tokens, m.tokens[-1:].expand(self.n - c)]) for m, c in zip(members, counts)]).view(-1)
         seqs = [s for m in members for s in m.seqs]
         self.pooled = _CausalMeans(self.weights, seqs) if first.global_gates else None
@@ -414,7 +428,7 @@ class ExpertsStep(StepHook):
             pooled = pooled.view(len(self.members), self.n, -1)
         experts, probs = self._route(logits, pooled, st)
         mixed = act[self.span[0] : self.span[1]].view(len(self.members), self.n, -1) if self.span else act.new_empty(len(self.members), self.n, act.shape[1])
-        z = routed_experts(mixed, gu, sg, su, st.gate_b, st.up_b, st.down_a, experts, probs, E)
+        z = layer.down_proj.kernels.routed_experts(mixed, gu, sg, su, st.gate_b, st.up_b, st.down_a, experts, probs, E)
         self._write_back(mixed, act, add=False)
         self._down = (idx, z, probs, st.down_b)
 
@@ -465,7 +479,7 @@ class ExpertsStepReference(StepHook):
             return pools["lora_a"][o : o + r].float(), pools["lora_b"][o : o + r].float()
 
         for row, t in enumerate(self.tokens.tolist()):
-            total = torch.zeros(out.shape[1])
+            total = torch.zeros(out.shape[1], device=out.device)
             for j in range(probs.shape[1]):
                 e = j if experts is None else int(experts[row, j])
                 g, u = gate_up[t, :i].float(), gate_up[t, i:].float()
@@ -493,7 +507,8 @@ class _CausalMeans:
     def __init__(self, weights: list[MoELoraWeights], seqs: list[SeqRows], reference: bool = False):
         self.running_sums = segment_running_sums_reference if reference else segment_running_sums
         layers = max(max(w.global_gates) for w in weights) + 1
-        self.seqs, d = seqs, next(iter(weights[0].routers.values())).shape[1]
+        router = next(iter(weights[0].routers.values()))
+        self.seqs, d, device = seqs, router.shape[1], router.device
         seg, first, last, count, base = [], [], [], [], []
         for i, sq in enumerate(seqs):
             n = sq.end - sq.start
@@ -502,13 +517,15 @@ class _CausalMeans:
             last.append(len(seg) - 1)
             count += range(sq.pos + 1, sq.pos + n + 1)  # tokens pooled at each row: positions 0..t
             if sq.pos == 0:
-                base.append(torch.zeros(layers, d, dtype=torch.float64))
+                base.append(torch.zeros(layers, d, dtype=torch.float64, device=device))
             elif sq.state.get("moe_pos") == sq.pos:
                 base.append(sq.state["moe_sums"])
             else:  # a bug, never a silent wrong answer: the step fails and the sequence fails alone
                 raise RuntimeError(f"MoLE running sums of a sequence at position {sq.pos} are missing (have {sq.state.get('moe_pos')})")
-        self.seg, self.first, self.last = torch.tensor(seg), torch.tensor(first), torch.tensor(last)
-        self.count = torch.tensor(count, dtype=torch.float64).unsqueeze(1)
+        # (MoLE's global gates only: one more small host->device copy in the step)
+        packed = torch.tensor(seg + first + last + count, dtype=torch.long).to(device)
+        self.seg, self.first, self.last = packed[: len(seg)], packed[len(seg) : len(seg) + len(first)], packed[len(seg) + len(first) : -len(count)]
+        self.count = packed[-len(count):].to(torch.float64).unsqueeze(1)
         self.sums = torch.stack(base)  # (S, layers, d): carried in ...
         self.new = self.sums.clone()  # ... and carried out, committed by end_step
 

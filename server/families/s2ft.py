@@ -22,6 +22,9 @@ from server.models.config import ModelConfig
 class S2FTWeights:
     name: str
     modules: dict[tuple[int, str], S2FTModuleDelta] = field(default_factory=dict)
+    # (dtype, (layer, module) -> pool -> rows): its pool rows laid out in pinned host memory, kept by the
+    # adapter manager on CUDA so the next load is one copy (server.lora.manager)
+    host_rows: tuple | None = field(default=None, repr=False, compare=False)
     family = "s2ft"
     space = "s2ft"
 

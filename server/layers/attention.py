@@ -1,13 +1,16 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is `(num_blocks, block_size, Hkv, hd)` for keys and for values. A sequence
-owns a list of blocks (its block table); token slot = block * block_size + offset.
+owns a list of blocks (its block table); token slot = block * block_size + offset. The step's new
+keys and values are written to their slots first; decode tokens then attend over their sequences'
+blocks, prefill chunks (fresh prompts and chunked-prefill continuations) over theirs, through the
+device's kernels (kernels.dispatch: the Triton paged kernels on CUDA, torch's SDPA elsewhere).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from kernels.dispatch import TORCH_KERNELS, KernelSet
 from server.layers.context import ForwardContext
 
 
@@ -18,6 +21,7 @@ class PagedAttention(torch.nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # set by the model runner
         self.v_cache: torch.Tensor | None = None
+        self.kernels: KernelSet = TORCH_KERNELS  # the engine sets the device's (kernels.dispatch)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """q: (T, H, hd); k, v: (T, Hkv, hd) -> (T, H * hd)."""
@@ -26,39 +30,13 @@ class PagedAttention(torch.nn.Module):
         k_flat.index_copy_(0, ctx.slot_mapping, k)
         v_flat.index_copy_(0, ctx.slot_mapping, v)
 
-        out = torch.empty_like(q)
         n_dec = ctx.num_decode
+        if ctx.prefill is None:  # a decode-only step: no copy into a shared output
+            out = self.kernels.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables, ctx.decode_seq_lens, self.scale)
+            return out.view(q.shape[0], -1)
+        out = torch.empty_like(q)
         if n_dec:
-            out[:n_dec] = self._decode(q[:n_dec], ctx)
-        for chunk in ctx.prefills:
-            out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk)
+            out[:n_dec] = self.kernels.paged_decode_attention(q[:n_dec], self.k_cache, self.v_cache, ctx.decode_block_tables,
+                                                              ctx.decode_seq_lens, self.scale)  # fmt: skip
+        out[n_dec:] = self.kernels.paged_prefill_attention(q[n_dec:], k[n_dec:], v[n_dec:], self.k_cache, self.v_cache, ctx.prefill, self.scale)
         return out.view(q.shape[0], -1)
-
-    def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        tables = ctx.decode_block_tables  # (B, nb)
-        b = tables.shape[0]
-        keys = self.k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
-        values = self.v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=self.scale, enable_gqa=True
-        )  # (B, H, 1, hd)
-        return o.squeeze(2)
-
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk) -> torch.Tensor:
-        n = chunk.end - chunk.start
-        qs = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
-        if chunk.context_len == 0:
-            # Fresh prompt: its own keys are all there is; the causal kernel needs no mask.
-            keys = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-            values = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            total = chunk.context_len + n
-            keys = self.k_cache[chunk.block_table].view(-1, self.num_kv_heads, self.head_dim)[:total]
-            values = self.v_cache[chunk.block_table].view(-1, self.num_kv_heads, self.head_dim)[:total]
-            keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
-            # query i sits at position context_len + i and sees keys 0..context_len + i
-            q_pos = torch.arange(chunk.context_len, total).unsqueeze(1)
-            mask = torch.arange(total).unsqueeze(0) <= q_pos  # (n, total)
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(0).transpose(0, 1)  # (n, H, hd)

@@ -7,32 +7,32 @@ from typing import Any
 import torch
 
 from kernels import LoraPlan
-
-
-@dataclass(slots=True)
-class PrefillChunk:
-    """One sequence's prompt chunk: tokens [start, end) of the flat batch."""
-
-    start: int
-    end: int
-    context_len: int  # tokens already in the KV cache before this chunk
-    block_table: torch.Tensor  # [n_blocks] int64, covers context_len + (end - start) tokens
+from kernels.attention import PrefillChunks
 
 
 @dataclass(slots=True)
 class ForwardContext:
     """Everything a forward pass needs besides token ids and positions.
 
-    The flat batch holds the decode tokens first (one per sequence), then prefill chunks.
+    The flat batch holds the decode tokens first (one per sequence), then prefill chunks. Every
+    tensor is on the engine's device.
     """
 
     slot_mapping: torch.Tensor  # [T] int64: KV-cache slot written by each token
     num_decode: int
-    decode_block_tables: torch.Tensor | None  # [B_dec, max_blocks] int64
-    decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] bool, True = attend
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_block_tables: torch.Tensor | None  # [B_dec, max_blocks] int64, padded with the null block
+    decode_seq_lens: torch.Tensor | None  # [B_dec] int64: tokens each decoding sequence attends to (its new one included)
+    prefill: PrefillChunks | None = None  # the prefill chunks, over rows num_decode.. of the flat batch
     # pool space -> module name -> segment plan over the adapters of that space that target the
     # module (absent: none does); each space applies itself in AdaptedLinear (server.families.base.PoolSpace)
     plans: dict[Any, dict[str, LoraPlan]] = field(default_factory=dict)
     # per-step work of adapters beyond the plans, called by every decoder layer (server.families.base.StepHook)
     hooks: list[Any] = field(default_factory=list)
+
+
+def prefill_context(slot_mapping: torch.Tensor, block_table: list[int], plans: dict | None = None) -> ForwardContext:
+    """The context of one fresh prompt (no decode tokens, nothing cached before it) writing its keys
+    to `slot_mapping` within `block_table`: for perplexity runs and tests that call the model directly."""
+    n = slot_mapping.shape[0]
+    chunks = PrefillChunks.build([0], [n], [0], [block_table], slot_mapping.device)
+    return ForwardContext(slot_mapping, 0, None, None, chunks, plans or {})

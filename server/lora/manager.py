@@ -8,12 +8,21 @@ target a module, so one per-step plan (segments -> start, units) serves all modu
 Residency is budgeted in bytes of pool memory (units x bytes per unit over all pools of the space).
 When a new adapter does not fit, the least recently used adapter that no running sequence uses and
 that is not pinned is evicted. Only the engine thread calls this class.
+
+Pools live on the engine's device. A load lays the adapter's rows out in host memory first (its
+family's `write_into` on host buffers of its unit range: scales folded in, pinned on CUDA, kept with
+the weights there), then copies them on the transfer stream (server.engine.transfer): the adapter is
+resident but *loading* until that copy completes, and its requests wait for it while every other
+tenant's steps go on. On the CPU the copy is done at once. On CUDA the pools of the LoRA space are
+allocated at start-up for every module, as many units as the adapter budget buys, so they are never
+reallocated while serving.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +30,7 @@ from server.errors import AdapterTooLarge
 from server.families.base import AdapterWeights
 from server.families.registry import FAMILIES, SPACES
 from server.layers.linear import AdaptedLinear, AdapterSlot
+from server.engine.transfer import SyncTransfers, Transfers
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,7 @@ class ResidentAdapter:
     targets: frozenset = frozenset()  # module names the step plan must visit for it
     active: int = 0  # sequences admitted with it
     pinned: bool = False
+    loading: Any = None  # (transfer ticket, host rows it copies from) until its copy has completed
 
 
 class RowAllocator:
@@ -74,8 +85,8 @@ class RowAllocator:
 class SpacePools:
     """One pool space's pools over every module, and the allocator of their unit ranges."""
 
-    def __init__(self, space, dtype: torch.dtype, initial: int):
-        self.space, self.name, self.dtype = space, space.name, dtype
+    def __init__(self, space, dtype: torch.dtype, initial: int, device: torch.device):
+        self.space, self.name, self.dtype, self.device = space, space.name, dtype, device
         self.units = RowAllocator(initial)
         self.pooled: list[AdapterSlot] = []  # slots that have this family's pools
         self.unit_bytes = 0  # bytes one unit costs over every pool of the space (kept, not recomputed per step)
@@ -84,7 +95,7 @@ class SpacePools:
     def ensure_pools(self, slot: AdapterSlot, owner: AdaptedLinear) -> None:
         if slot not in self.pooled:
             for name, (tail, dtype) in self.space.pools(slot.d_in, slot.d_out, self.dtype).items():
-                slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype)
+                slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype, device=self.device)
                 self.unit_bytes += slot.pools[name][0].nbytes
             self.pooled.append(slot)
             owner.refresh_active()
@@ -99,21 +110,39 @@ class SpacePools:
         for slot in self.pooled:
             for name in self.space.pools(slot.d_in, slot.d_out, self.dtype):
                 old = slot.pools[name]
-                new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+                new = torch.zeros((capacity, *old.shape[1:]), dtype=old.dtype, device=self.device)
                 new[: old.shape[0]] = old
                 slot.pools[name] = new
         self.units.grow(capacity)
 
 
 class AdapterManager:
-    def __init__(self, model: LlamaForCausalLM, budget_bytes: int | None = None, initial_units: int = 256):
+    def __init__(self, model: LlamaForCausalLM, budget_bytes: int | None = None, initial_units: int = 256,
+                 device: torch.device | str = "cpu", transfers: Transfers | None = None, preallocate: bool = False):
         self.model = model
         self.dtype = model.dtype
+        self.device = torch.device(device)
+        self.transfers = transfers or SyncTransfers()
         self.budget_bytes = budget_bytes  # None: grow without limit
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
-        self.spaces = {name: SpacePools(space, self.dtype, initial_units) for name, space in SPACES.items()}
+        self.spaces = {name: SpacePools(space, self.dtype, initial_units, self.device) for name, space in SPACES.items()}
         self.evictions = self.hits = self.misses = 0
+        self.keep_host_rows = self.device.type == "cuda"  # pinned rows stay with the weights for the next load
+        if preallocate and budget_bytes is not None:
+            self._preallocate("lora", budget_bytes)
+
+    def _preallocate(self, space_name: str, budget_bytes: int) -> None:
+        """Every module's pools of a space, as many units as the budget buys over all of them."""
+        space = self.spaces[space_name]
+        for targets in self._targets:
+            for module, lin in targets.items():
+                space.ensure_pools(lin.slots[module], lin)
+        units = budget_bytes // max(1, space.unit_bytes)
+        if units > space.units.capacity:
+            space.grow(units)
+        log.info("%s adapter pools: %d units on %s (%.0f MiB)", space_name, space.units.capacity, self.device,
+                 space.units.capacity * space.unit_bytes / 2**20)
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, name: str) -> ResidentAdapter | None:
@@ -134,10 +163,15 @@ class AdapterManager:
 
     # -- residency -------------------------------------------------------------------------
     def ensure_resident(self, weights) -> ResidentAdapter | None:
-        """Place the adapter in its family's pools if it is not there, evicting idle ones to fit;
-        None if it cannot fit now. `weights`: what a family parses (server.families.base.AdapterWeights)."""
+        """Place the adapter in its family's pools if it is not there, evicting idle ones to fit; None
+        if it cannot fit now or its copy to the device has not completed yet (ask again next step).
+        `weights`: what a family parses (server.families.base.AdapterWeights)."""
         entry = self.resident.get(weights.name)
         if entry is not None:
+            if entry.loading is not None:
+                if not self.transfers.done(entry.loading[0]):
+                    return None
+                entry.loading = None
             self.touch(weights.name)
             return entry
         space = self.spaces[weights.space]
@@ -154,26 +188,67 @@ class AdapterManager:
         start = self._allocate(space, weights.units)
         if start is None:
             return None
-        space.clear(start, weights.units)
         try:
-            for (layer, module) in weights.modules:
-                weights.write_into(self._targets[layer][module].slots[module].pools, layer, module, start, self.dtype)
+            rows = self._host_rows(weights, space)
+            self._copy_in(space, rows, start, weights.units)
         except Exception:  # the adapter's weights do not fit its own description: give its units back
-            space.clear(start, weights.units)
             space.units.release(start, weights.units)
             raise
+        ticket = self.transfers.record()
         hooked = FAMILIES[weights.family].step_hooks is not None  # its hook consults the weights every step
         entry = ResidentAdapter(weights.name, weights.family, weights.space, start, weights.units, weights.plan_units, weights.num_bytes,
-                                weights if hooked else None, weights.targets)  # fmt: skip
+                                weights.on_device(self.device) if hooked else None, weights.targets)  # fmt: skip
         self.resident[weights.name] = entry
         space.resident_units += weights.units
         self.misses += 1
+        if not self.transfers.done(ticket):
+            entry.loading = (ticket, rows)  # the host rows must outlive the copy that reads them
+            return None
         return entry
+
+    def _host_rows(self, weights, space: SpacePools) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+        """(layer, module) -> pool name -> the adapter's unit range of that pool, laid out in host memory
+        by its family (scales folded in), pinned for the transfer stream. Kept with the weights on CUDA."""
+        rows = getattr(weights, "host_rows", None)
+        if rows is not None and rows[0] == self.dtype:
+            return rows[1]
+        out = {}
+        for layer, module in weights.modules:
+            slot = self._targets[layer][module].slots[module]
+            host = {name: torch.zeros((weights.units, *tail), dtype=dtype)
+                    for name, (tail, dtype) in space.space.pools(slot.d_in, slot.d_out, self.dtype).items()}
+            weights.write_into(host, layer, module, 0, self.dtype)
+            out[(layer, module)] = {name: self.transfers.pin(t) for name, t in host.items()}
+        if self.keep_host_rows and hasattr(weights, "host_rows"):
+            weights.host_rows = (self.dtype, out)
+        return out
+
+    def _copy_in(self, space: SpacePools, rows: dict, start: int, units: int) -> None:
+        """Zero the unit range in every pool of the space, then copy the adapter's rows in: on the
+        transfer stream, after the compute already issued (the rows may be an evicted adapter's that a
+        step in flight still reads)."""
+        self.transfers.after_compute()
+        with self.transfers.side():
+            space.clear(start, units)
+            for (layer, module), pools in rows.items():
+                target = self._targets[layer][module].slots[module].pools
+                for name, t in pools.items():
+                    target[name][start : start + units].copy_(t, non_blocking=True)
+
+    def wait_loads(self) -> None:
+        """Block until every load in flight has landed (before pools are replaced or rows given back)."""
+        for entry in self.resident.values():
+            if entry.loading is not None:
+                self.transfers.wait(entry.loading[0])
+                entry.loading = None
 
     def add(self, weights, pinned: bool = False) -> ResidentAdapter:
         if weights.name in self.resident:
             raise ValueError(f"adapter {weights.name!r} is already resident")
         entry = self.ensure_resident(weights)
+        if entry is None and weights.name in self.resident:  # placed, its copy still landing: wait for it
+            self.wait_loads()
+            entry = self.resident[weights.name]
         if entry is None:
             raise ValueError(f"adapter {weights.name!r} does not fit in the adapter budget next to the pinned/active ones")
         entry.pinned = pinned
@@ -204,6 +279,8 @@ class AdapterManager:
             return True
         if entry.active:
             return False
+        if entry.loading is not None:
+            self.transfers.wait(entry.loading[0])
         del self.resident[name]
         space = self.spaces[entry.space]
         space.units.release(entry.row_start, entry.rank)
@@ -213,7 +290,7 @@ class AdapterManager:
     # -- internals -------------------------------------------------------------------------
     def _evict_one(self) -> bool:
         for name, entry in self.resident.items():  # least recently used first
-            if not entry.active and not entry.pinned:
+            if not entry.active and not entry.pinned and entry.loading is None:
                 log.debug("evicting adapter %s from the device pools", name)
                 self.remove(name)
                 self.evictions += 1
@@ -225,6 +302,7 @@ class AdapterManager:
         while (start := alloc.allocate(units)) is None:
             limit = None if self.budget_bytes is None else self.budget_bytes // max(1, space.unit_bytes)
             if limit is None or alloc.capacity < limit:
+                self.wait_loads()  # growing replaces the pools: no copy may still be landing in the old ones
                 target = max(alloc.capacity * 2, alloc.capacity + units)
                 space.grow(target if limit is None else min(target, max(limit, alloc.capacity + units)))
             elif not self._evict_one():  # fragmented: free more units

@@ -42,6 +42,9 @@ class LoraWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     # DoRA only (read with dora=True): (layer, module) -> magnitude m (d_out,), float32
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # (dtype, (layer, module) -> pool -> rows): its pool rows laid out in pinned host memory, kept by the
+    # adapter manager on CUDA so the next load is one copy (server.lora.manager)
+    host_rows: tuple | None = field(default=None, repr=False, compare=False)
 
     family = "lora"
     space = "lora"  # rank-rows of the LoRA pools (server.families.lora)

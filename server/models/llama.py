@@ -101,8 +101,9 @@ class LlamaForCausalLM(torch.nn.Module):
         return weight[slot.out_start : slot.out_end].float()
 
     def use_kernels(self, kernels) -> None:
-        """Route every adapter delta through `kernels` (a kernels.dispatch.KernelSet)."""
+        """Route every adapter delta and the attention through `kernels` (a kernels.dispatch.KernelSet)."""
         for layer in self.layers:
+            layer.attn.kernels = kernels
             for lin in layer.linears():
                 lin.kernels = kernels
 

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from server.layers.context import ForwardContext, PrefillChunk
+from server.layers.context import prefill_context
 from server.models.llama import LlamaForCausalLM
 
 BLOCK = 16
@@ -26,19 +26,19 @@ def perplexity(model: LlamaForCausalLM, token_ids: list[int], window: int = 256)
     blocks = -(-window // BLOCK)
     saved = [(layer.attn.k_cache, layer.attn.v_cache) for layer in model.layers]
     shape = (blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    device = model.norm.weight.device
     for layer in model.layers:
-        layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype)
-        layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype)
+        layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype, device=device)
+        layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype, device=device)
     nll, count = 0.0, 0
     try:
         for start in range(0, len(token_ids) - 1, window):
-            ids = torch.tensor(token_ids[start:start + window], dtype=torch.long)
+            ids = torch.tensor(token_ids[start:start + window], dtype=torch.long, device=device)
             n = ids.numel()
             if n < 2:
                 break
-            ctx = ForwardContext(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None, decode_mask=None,
-                                 prefills=[PrefillChunk(0, n, 0, torch.arange(blocks))])
-            logits = model.compute_logits(model(ids, torch.arange(n), ctx))
+            positions = torch.arange(n, device=device)
+            logits = model.compute_logits(model(ids, positions, prefill_context(positions, list(range(blocks)))))
             nll += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
             count += n - 1
     finally:
