@@ -20,6 +20,7 @@ _WHERE = {
     "s2ft_row_triton": "kernels.triton.s2ft",
     "routed_lora_triton": "kernels.triton.experts",
     "routed_lora_reference": "kernels.triton.experts",
+    "int8_linear_triton": "kernels.triton.quant",
     "paged_decode_attention_triton": "kernels.triton.attention",
     "paged_prefill_attention_triton": "kernels.triton.attention",
 }

@@ -5,6 +5,10 @@
   int4  every decoder linear int4 in groups of `group_size` inputs; embeddings + lm_head int8 per row
         (as llama.cpp's Q4 files keep the token table at 8 bits: it is both the input lookup and the
         output projection, and 4 bits there cost the most perplexity for the fewest bytes)
+
+The quantized tensors are placed on the serving device in that device's kernel layout
+(kernels.quant: int8 is one layout everywhere, int4 is torch's CPU layout on cpu and tinygemm's on
+cuda and meta); `describe_kernels` says which kernel runs them there.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from kernels.quant import PACKED_MAX_ROWS, quantize_int4, quantize_int8
+from kernels.quant import KERNELS, PACKED_MAX_ROWS, kernel_for, quantize_int4, quantize_int8
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -32,43 +36,85 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
 
 
 @torch.inference_mode()
-def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, progress: bool = True) -> None:
+def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, progress: bool = True,
+                   device: torch.device | str | None = None) -> None:
+    """Serve the base from `mode`'s quantized weights on `device` (default: where the weights are).
+
+    Codes and scales are computed where the loaded weights are (the host, for a model loaded on the
+    CPU), one linear at a time, and only the quantized tensors are placed on `device`, in its kernel
+    layout; the dense weights are released. So a model loaded on the CPU and quantized to a GPU never
+    holds its dense copy there. Everything else (norms, biases, rotary tables) stays where it is:
+    `model.to(device)` moves it, and does not move the quantized tensors (plain attributes, not
+    parameters), so it can run before or after this.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "none":
         return
+    table_weight = model.embed_tokens.weight
+    device = table_weight.device if device is None else torch.device(device)
     before = weight_bytes(model)
     linears = [lin for layer in model.layers for lin in layer.linears()]
-    for lin in tqdm(linears, desc=f"Quantizing to {mode}", unit="linear", disable=not progress, leave=False):
+    for lin in tqdm(linears, desc=f"Quantizing to {mode} on {device}", unit="linear", disable=not progress, leave=False):
         w = lin.weight.detach()
-        lin.quantize(quantize_int8(w) if mode == "int8" else quantize_int4(w, group_size))
-    table = quantize_int8(model.embed_tokens.weight.detach())
+        lin.quantize(quantize_int8(w, device) if mode == "int8" else quantize_int4(w, group_size, device))
+    table = quantize_int8(table_weight.detach(), device)
     model.embed_quant = table
     if model.config.tie_word_embeddings:
         model.lm_head_quant = table
-        model.lm_head_weight = None
     else:
-        model.lm_head_quant = quantize_int8(model.lm_head_weight.detach())
-        model.lm_head_weight = None
+        model.lm_head_quant = quantize_int8(model.lm_head_weight.detach(), device)
+    model.lm_head_weight = None
     model.embed_tokens.weight = None
-    log.info("quantized the base to %s%s: weights %.0f MiB -> %.0f MiB", mode, f" (group {group_size})" if mode == "int4" else "",
-             before / 2**20, weight_bytes(model) / 2**20)
+    log.info("quantized the base to %s%s on %s: weights %.0f MiB -> %.0f MiB", mode,
+             f" (group {group_size})" if mode == "int4" else "", device, before / 2**20, weight_bytes(model) / 2**20)
 
 
-def resolve_quantization(mode: str, device: torch.device) -> str:
-    """`auto` -> the mode measured fastest for this device class (docs/benchmarks.md, quantization)."""
+def resolve_quantization(mode: str, device: torch.device | str) -> str:
+    """`auto` -> the base quantization for this device class; an explicit mode is returned as is.
+
+    CPU: `none` (float32 is the fastest base measured on the dev box: docs/benchmarks.md, quantization).
+
+    CUDA: `int8`, so one quantized base is kept on the GPU and the memory it frees goes to KV cache
+    and resident adapters, which is what a multi-tenant server is short of. Why int8 weight-only
+    rather than int4 (a judgement from the kernels' design: no GPU timing was measured here):
+      - quality: per-channel int8 is near-lossless (+0.6 % perplexity on the embedded model,
+        tests/test_quantization.py), where int4 depends on the checkpoint;
+      - memory: it halves the weight bytes of a bf16 base (int4: about a quarter);
+      - speed at serving batch sizes: its Triton GEMM (kernels.triton.quant) is a tiled tensor-core
+        GEMM that reads each int8 tile once per row tile, so it keeps scaling with the rows a batched
+        decode + chunked prefill step brings; tinygemm int4 (torch._weight_int4pack_mm) is built for
+        GEMV-sized batches and gets slower than a dense GEMM as the rows grow. It also only takes
+        bf16 activations, N divisible by 8, K by 32 and group sizes of 32..256.
+    Without triton the int8 GEMMs dequantize each weight per call (correct, slower; /health says so).
+
+    meta: as CUDA (the placement test builds on meta what CUDA would run). Other devices: `none`.
+    """
     if mode != "auto":
         return mode
-    return "none"
+    kind = torch.device(device).type
+    return "int8" if kind in ("cuda", "meta") else "none"
 
 
-def describe_kernels(device: torch.device, mode: str, group_size: int, adapter_kernels: str) -> dict[str, str]:
-    """What runs the base GEMMs and the adapter deltas here (for /health and the startup log)."""
+def _describe(fmt: str, device: torch.device, detail: str = "") -> str:
+    """What the fast op of `fmt` runs on `device`, for decode- and prefill-sized batches."""
+    small, large = kernel_for(fmt, device, 1), kernel_for(fmt, device, PACKED_MAX_ROWS + 1)
+    text = KERNELS[small] + detail
+    if large != small:
+        text += f" up to {PACKED_MAX_ROWS} rows, {KERNELS[large]} above"
+    if device.type == "cuda" and fmt == "int8" and small == "dequant":
+        text += " (triton does not import: install the triton extra for the int8 GEMM kernel)"
+    if device.type == "meta":
+        text += " (meta: shapes only)"
+    return text
+
+
+def describe_kernels(device: torch.device | str, mode: str, group_size: int, adapter_kernels: str) -> dict[str, str]:
+    """What runs the base GEMMs, the lm_head and the adapter deltas on `device` (for /health and the startup log)."""
+    device = torch.device(device)
     if mode == "none":
-        base = "dense GEMM (torch)"
-    elif mode == "int8":
-        base = f"torch._weight_int8pack_mm (bf16 activations) up to {PACKED_MAX_ROWS} rows, dequantize + GEMM above"
+        base, lm_head = "dense GEMM (torch)", "dense"
     else:
-        base = f"torch._weight_int4pack_mm_for_cpu (group {group_size}, bf16 activations)"
-    lm_head = "dense" if mode == "none" else "int8 per row (torch._weight_int8pack_mm)"
+        base = _describe(mode, device, f", group {group_size}" if mode == "int4" else "")
+        lm_head = f"int8 per row: {_describe('int8', device)}"
     return {"base": f"{mode}: {base}", "lm_head": lm_head, "adapters": f"{adapter_kernels} (kernels.dispatch on {device.type})"}
