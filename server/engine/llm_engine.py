@@ -76,7 +76,7 @@ class LLMEngine:
         # Loaded on the host, quantized there into the device's kernel layout, then moved.
         self.model = load_model(self.model_dir, dtype, positions)
         self.quantization = resolve_quantization(config.quantization, self.device)
-        quantize_model(self.model, self.quantization, config.quant_group_size)  # TEMP
+        quantize_model(self.model, self.quantization, config.quant_group_size, device=self.device)
         self.model.to(self.device)
         adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)
