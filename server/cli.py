@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-dir", type=Path, default=None, help="serve every subdirectory holding adapter_config.json, named after it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="where the engine runs (auto: the GPU when torch sees one, else the CPU)")
+    serve.add_argument("--device", default=os.environ.get("HOTSWAP_DEVICE", "auto"), metavar="{auto,cpu,cuda,cuda:N}",
+                       help="where the engine runs (auto: the GPU when torch sees one, else the CPU; default $HOTSWAP_DEVICE or auto)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="compute dtype of activations and adapters (auto: float32 on CPU, bfloat16 on CUDA, float16 on GPUs without bf16)")
     serve.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
@@ -162,6 +163,12 @@ def _check_serve_inputs(args: argparse.Namespace) -> None:
     from adapters_store import open_store
     from adapters_store.errors import RegistryError
 
+    from server.engine.device import DeviceUnavailable, resolve_device  # imports torch: a second, before the model's minutes
+
+    try:
+        resolve_device(args.device)
+    except DeviceUnavailable as e:
+        raise CliError(str(e)) from None
     if args.model is not None:
         _check_model_dir(args.model)
     if args.adapters_dir is not None:

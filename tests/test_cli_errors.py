@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from loadtests.servers import free_port
 
@@ -98,6 +99,16 @@ def test_serve_refuses_bad_paths_in_one_line_before_loading_the_model(adapters, 
     # One line also proves the model never loaded: loading logs "loaded ..." and draws a progress bar.
     assert_one_line_error(proc, *needles)
     assert proc.seconds < 15
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda would serve")
+@pytest.mark.parametrize("device, needle", [("cuda", "--device cuda: "), ("cuda:3", "--device cuda:3: "), ("tpu", "is not a device")])
+def test_serve_on_a_device_this_machine_lacks_is_one_line(device, needle):
+    proc = hotswap("serve", "--port", "1", "--device", device)
+    assert_one_line_error(proc, needle)
+    assert proc.seconds < 15  # refused before the model loads
+    env_proc = hotswap("serve", "--port", "1", env={"HOTSWAP_DEVICE": device})  # the images set it
+    assert_one_line_error(env_proc, needle)
 
 
 def test_serve_refuses_a_model_dir_that_is_not_a_supported_checkpoint(tmp_path):

@@ -34,7 +34,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         raise DeviceUnavailable(f"--device {spec}: hotswap serves on {DEVICE_CHOICES}, not {device.type}")
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
-        raise DeviceUnavailable(f"--device {spec}: {why}; serve with --device cpu (or auto), or use the CUDA image (Dockerfile.cuda)")
+        raise DeviceUnavailable(f"--device {spec}: {why}; serve with --device cpu (or auto), or use the CUDA image (docker build --build-arg TORCH_VARIANT=cu128 .)")
     count = torch.cuda.device_count()
     index = 0 if device.index is None else device.index
     if index >= count:
