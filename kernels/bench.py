@@ -1,13 +1,16 @@
 """GPU microbenchmark of the batched adapter ops: Triton kernels vs the torch fast ops vs the readable
 references (and vLLM's punica LoRA kernels when vllm is importable).
 
-    python -m kernels.bench [--dtype bf16] [--tokens 1 4 16 64 256] [--d 4096] [--rank 16]
+    python -m kernels.bench [--dtype bf16] [--tokens 1 4 16 64 256] [--d 4096] [--rank 16] [--big-rank 256]
     python -m kernels.bench --interpret        # no GPU: tiny CPU smoke run under TRITON_INTERPRET=1
 
 Prints microseconds per call (median of triton.testing.do_bench) and the largest |Triton - reference|
 of each case. Decode cases: T one-token sequences whose adapters follow a popularity pattern
-(distinct / uniform / zipf / identical); prefill cases: a few long sequences. Run it as a module:
-`python kernels/bench.py` would make kernels/triton shadow the triton package.
+(distinct / uniform / zipf / identical); prefill cases: a few long sequences; "r256" rows: the decode
+cases of distinct adapters at --big-rank (BGMV in rank chunks); "experts" rows: kernels.experts'
+routed_experts (Triton fused kernel vs the torch op) for groups of --expert-adapters adapters with
+--experts experts of rank --rank on an MLP of --intermediate, top-2 and dense (sigmoid) routing. Run
+it as a module: `python kernels/bench.py` would make kernels/triton shadow the triton package.
 """
 
 from __future__ import annotations
@@ -127,12 +130,13 @@ def vllm_lora_fn(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b:
 # -------------------------------------------------------------------------------------------- bench
 
 
-def bench_lora(case: Case, args, device: torch.device, dtype: torch.dtype, rows: list[list[str]]) -> None:
+def bench_lora(case: Case, args, device: torch.device, dtype: torch.dtype, rows: list[list[str]],
+               rank: int | None = None) -> None:
     from kernels.lora import sgmv_lora, sgmv_lora_reference
     from kernels.triton.lora import sgmv_lora_triton
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    L, r, d_in, d_out = n_adapters(case), args.rank, args.d, args.d_out or args.d
+    L, r, d_in, d_out = n_adapters(case), rank or args.rank, args.d, args.d_out or args.d
     x = torch.randn(case.tokens, d_in, generator=g).to(device, dtype)
     y = torch.zeros(case.tokens, d_out, device=device, dtype=dtype)
     lora_a = (torch.randn(L * r, d_in, generator=g) / d_in ** 0.5).to(device, dtype)
@@ -146,7 +150,8 @@ def bench_lora(case: Case, args, device: torch.device, dtype: torch.dtype, rows:
     us_v = time_us(vl, device) if callable(vl) else vl
     err = max_err(sgmv_lora_triton, sgmv_lora_reference, y.zero_(), x, lora_a, lora_b, plan)
     path = "bgmv" if plan.triton_meta.max_seg_len <= _bgmv_len() else "sgmv"
-    rows.append([f"lora {case.name}", str(case.tokens), str(len(case.seg_tokens)), path, *fmt(us, args), fmt_one(us_v),
+    name = f"lora {case.name}" + (f" r{r}" if rank else "")
+    rows.append([name, str(case.tokens), str(len(case.seg_tokens)), path, *fmt(us, args), fmt_one(us_v),
                  speedup(us), f"{err:.1e}"])
 
 
@@ -171,6 +176,44 @@ def bench_s2ft(kind: str, case: Case, args, device: torch.device, dtype: torch.d
     err = max_err(tri, ref, y.zero_(), x, idx, w, plan)
     rows.append([f"s2ft-{kind} {case.name}", str(case.tokens), str(len(case.seg_tokens)), "-", *fmt(us, args), "-",
                  speedup(us), f"{err:.1e}"])
+
+
+def bench_experts(routing: str, A: int, n: int, args, device: torch.device, dtype: torch.dtype,
+                  rows: list[list[str]]) -> None:
+    """routed_experts for A adapters of n tokens each: Triton's fused kernel vs the torch op; the error
+    against the readable reference (run on CPU copies, only for small groups: it loops over tokens)."""
+    from kernels.experts import routed_experts, routed_experts_reference
+    from kernels.triton.experts import routed_experts_triton
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    E, r, i = args.experts, args.rank, args.intermediate
+    er = E * r
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    gate_up, sg, su = rnd(A, n, 2 * i), rnd(A, n, er), rnd(A, n, er)
+    gate_b, up_b, down_a = rnd(A, er, i, scale=0.05), rnd(A, er, i, scale=0.05), rnd(A, er, i, scale=i ** -0.5)
+    logits = torch.randn(A, n, E, generator=g).to(device)
+    if routing == "dense":
+        experts, weights = None, torch.sigmoid(logits)
+    else:
+        top, experts = logits.topk(int(routing[-1]), dim=-1)
+        weights = top.softmax(-1)
+    args_ = (gate_up, sg, su, gate_b, up_b, down_a, experts, weights, E)
+    act = torch.empty(A, n, i, device=device, dtype=dtype)
+    us = {name: time_us(lambda op=op: op(act, *args_), device)
+          for name, op in (("triton", routed_experts_triton), ("torch", routed_experts))}
+    err = "-"
+    if not args.skip_reference and A * n <= 64:
+        cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args_]
+        ref = torch.empty(A, n, i, dtype=dtype)
+        z_ref = routed_experts_reference(ref, *cpu)
+        z = routed_experts_triton(act, *args_)
+        diff = max(float((act.cpu().float() - ref.float()).abs().max()), float((z.cpu().float() - z_ref.float()).abs().max()))
+        err = f"{diff:.1e}"
+    rows.append([f"experts {routing} A{A} E{E} r{r} i{i}", str(A * n), str(A), "fused", fmt_one(us["triton"]),
+                 fmt_one(us["torch"]), "-", "-", speedup(us), err])
 
 
 def _bgmv_len() -> int:
@@ -210,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-out", type=int, default=None)
     p.add_argument("--adapters", type=int, default=32, help="resident adapters for uniform / zipf")
     p.add_argument("--s2ft-entries", type=int, default=64, help="S²FT columns/rows per adapter")
+    p.add_argument("--big-rank", type=int, default=256, help="rank of the large-rank decode cases (0: none)")
+    p.add_argument("--intermediate", type=int, default=11008, help="MLP intermediate size of the routed-experts cases")
+    p.add_argument("--experts", type=int, default=8, help="experts per adapter in the routed-experts cases")
+    p.add_argument("--expert-adapters", type=int, nargs="+", default=[1, 4], help="adapters per routed-experts group")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow, per-segment loop) references")
     p.add_argument("--interpret", action="store_true", help="no GPU: tiny CPU run under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
@@ -218,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         args.tokens, args.prefill, args.d, args.d_out, args.rank = [1, 8], ["2x24"], 96, 80, 8
         args.adapters, args.s2ft_entries, args.dtype = 8, 12, "fp32"
+        args.big_rank, args.intermediate, args.experts, args.expert_adapters = 80, 48, 4, [1, 2]
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         print("kernels.bench: CUDA is not available, nothing to benchmark "
@@ -242,9 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     for case in cases:
         bench_lora(case, args, device, dtype, rows)
+    if args.big_rank:
+        for case in cases:
+            if case.name == "decode/distinct":
+                bench_lora(case, args, device, dtype, rows, rank=args.big_rank)
     for kind in ("col", "row"):
         for case in cases:
             bench_s2ft(kind, case, args, device, dtype, rows)
+    for routing in ("top2", "dense"):
+        for A in args.expert_adapters:
+            for T in args.tokens:
+                bench_experts(routing, A, max(1, T // A), args, device, dtype, rows)
     print_table(rows)
     if args.interpret:
         print("(interpreter run: checks that every kernel launches and matches its reference; the timings mean nothing)")

@@ -7,7 +7,6 @@ two and segments are shorter and longer than the tiles so that every mask is exe
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 
@@ -21,9 +20,12 @@ pytest.importorskip("triton")
 from kernels import (make_lora_plan, s2ft_col, s2ft_col_reference, s2ft_dense_delta, s2ft_row,  # noqa: E402
                      s2ft_row_reference, sgmv_lora, sgmv_lora_reference)
 from kernels.dispatch import select_kernels  # noqa: E402
-from kernels.triton import experts as triton_experts  # noqa: E402
+from kernels.experts import routed_experts_reference  # noqa: E402
+from kernels.triton import autotune  # noqa: E402
 from kernels.triton import lora as triton_lora  # noqa: E402
+from kernels.triton.experts import routed_experts_triton  # noqa: E402
 from kernels.triton.s2ft import s2ft_col_triton, s2ft_row_triton  # noqa: E402
+from tests import test_experts_kernels as expert_cases  # noqa: E402
 from tests import test_kernels as lora_cases  # noqa: E402
 from tests import test_kernels_s2ft as s2ft_cases  # noqa: E402
 from tests.test_kernels import PATTERNS, tolerances  # noqa: E402
@@ -88,6 +90,20 @@ def test_bgmv_and_sgmv_agree_on_the_same_plan_with_ranks_above_one_tile(dtype: t
             triton_lora.bgmv_shrink(b.x, b.lora_a, meta.tok_row, meta.tok_rank, meta.max_rank, v)
             triton_lora.bgmv_expand(y, v, b.lora_b, meta.tok_row, meta.tok_rank, meta.max_rank)
         assert_close(y, y_ref, b.y)
+
+
+@DTYPES
+@pytest.mark.parametrize("rank", [64, 128, 256])
+@pytest.mark.parametrize("path", ["bgmv", "sgmv"])
+def test_ranks_above_the_rank_tile_cap_are_computed_in_rank_chunks(path: str, rank: int, dtype: torch.dtype) -> None:
+    # the rank tile stays <= RANK_BUCKET_CAP rows: a rank-256 adapter is 4 SGMV / 16 BGMV (interpreter tile) chunks
+    tokens = 1 if path == "bgmv" else (5, 9)
+    b = lora_cases.make_batch("distinct", 4, tokens, ranks=[rank, 3, rank // 2 + 1], base_frac=0.0, d_in=20,
+                              d_out=18, dtype=dtype, seed=rank)
+    check_lora(b)
+    meta = b.plan.triton_meta
+    assert meta.max_rank == rank and (meta.max_seg_len <= triton_lora.BGMV_MAX_SEG_LEN) == (path == "bgmv")
+    assert autotune.rank_bucket(rank) == autotune.RANK_BUCKET_CAP
 
 
 @pytest.mark.parametrize("tokens", [1, 17], ids=["bgmv", "sgmv"])
@@ -203,43 +219,65 @@ def test_s2ft_repeated_indices_accumulate(kind: str, tokens: int, dtype: torch.d
 
 # --------------------------------------------------------------------------------------- routed experts
 
+EXPERT_MISSING = [None, "gate", "up", "down", "gate+up"]
+
+
+def check_routed(n: int, routing: str, missing: str | None, dtype: torch.dtype, adapters: int, seed: int = 0) -> None:
+    args = expert_cases._case(n, routing, missing, dtype, seed, adapters)
+    shape = (adapters, n, expert_cases.I)
+    ref, tri = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(2))  # rows must be overwritten
+    z_ref = routed_experts_reference(ref, *args, expert_cases.E)
+    z = routed_experts_triton(tri, *args, expert_cases.E)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(tri.float(), ref.float(), **tol)
+    if missing is not None and "down" in missing:
+        assert z is None and z_ref is None
+    else:
+        assert z.dtype == dtype
+        torch.testing.assert_close(z.float(), z_ref.float(), **tol)
+
 
 @DTYPES
-@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_routed_experts_top2_rows_match_reference_and_segmented_op(weighted: bool, dtype: torch.dtype) -> None:
-    rng = random.Random(0)
-    gen = torch.Generator().manual_seed(0)
-    n_tok, top_k, d_in, d_out = 9, 2, 36, 52
-    expert_rank = [4, 8, 16, 5]
-    starts, o = [], 2
-    for r in expert_rank:
-        starts.append(o)
-        o += r + 1
-    lora_a = (torch.randn(o + 2, d_in, generator=gen) / d_in ** 0.5).to(dtype)
-    lora_b = torch.randn(o + 2, d_out, generator=gen).to(dtype)
-    # each token picks 2 distinct experts; rows sorted by expert as in DecoderLayer._routed_experts
-    experts = torch.tensor([rng.sample(range(len(expert_rank)), top_k) for _ in range(n_tok)])
-    probs = torch.softmax(torch.randn(n_tok, top_k, generator=gen), dim=-1)
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    rows = torch.arange(n_tok).repeat_interleave(top_k)[order]
-    h = torch.randn(n_tok, d_in, generator=gen).to(dtype)
-    x = h[rows]
-    e_sorted = flat[order]
-    row_start = torch.tensor(starts)[e_sorted]
-    rank = torch.tensor(expert_rank)[e_sorted]
-    row_start[3] = -1  # a row without a delta
-    weight = probs.reshape(-1)[order].to(dtype) if weighted else None
-    y0 = torch.randn(x.shape[0], d_out, generator=gen).to(dtype)
-    y_ref, y_tri = y0.clone(), y0.clone()
-    triton_experts.routed_lora_reference(y_ref, x, lora_a, lora_b, row_start, rank, weight)
-    triton_experts.routed_lora_triton(y_tri, x, lora_a, lora_b, row_start, rank, weight, max_rank=16)
-    assert_close(y_tri, y_ref, y0)
-    if not weighted:  # per-row semantics == the segmented op with one segment per row
-        plan = make_lora_plan(list(range(x.shape[0] + 1)), row_start.tolist(), rank.tolist())
-        y_seg = y0.clone()
-        sgmv_lora_reference(y_seg, x, lora_a, lora_b, plan)
-        assert_close(y_tri, y_seg, y0)
+@pytest.mark.parametrize("adapters", [1, 3])
+@pytest.mark.parametrize("missing", EXPERT_MISSING)
+@pytest.mark.parametrize("routing", ["top2", "top1", "dense"])
+def test_routed_experts_triton_matches_reference(routing: str, missing: str | None, adapters: int, dtype: torch.dtype) -> None:
+    # 6 tokens: one token tile, rows masked; i = 40: i-tiles with a masked tail; E·r = 12 rank rows, r = 3
+    check_routed(6, routing, missing, dtype, adapters, seed=len(routing) + adapters)
+
+
+@pytest.mark.parametrize("routing", ["top2", "dense"])
+def test_routed_experts_triton_over_several_token_tiles(routing: str) -> None:
+    # 37 tokens: three token tiles whose tokens route to every expert, so each slot's rank chunks mix experts
+    check_routed(37, routing, None, torch.float32, 1, seed=4)
+
+
+def test_routed_experts_triton_takes_the_layer_layout_of_strided_views() -> None:
+    # as ExpertsStep passes them: sg, su column slices of one [router | gate | up] shrink, gate_up a row slice
+    A, n, I, E, R = 2, 5, expert_cases.I, expert_cases.E, expert_cases.R
+    gen = torch.Generator().manual_seed(9)
+    s = torch.randn(A, n, E + 2 * E * R, generator=gen)
+    sg, su = s[..., E:E + E * R], s[..., E + E * R:]
+    gate_up = torch.randn(A, n + 3, 2 * I, generator=gen)[:, 1:n + 1]
+    gb, ub, da = (torch.randn(A, E * R, I, generator=gen) / 3 for _ in range(3))
+    top, experts = torch.randn(A, n, E, generator=gen).softmax(-1).topk(2, -1)
+    ref, tri = torch.empty(A, n, I), torch.empty(A, n, I)
+    z_ref = routed_experts_reference(ref, gate_up, sg, su, gb, ub, da, experts, top, E)
+    z = routed_experts_triton(tri, gate_up, sg, su, gb, ub, da, experts.to(torch.int32), top, E)
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_experts_triton_with_no_tokens_and_bad_shapes() -> None:
+    gate_up, sg, su, gb, ub, da, experts, weights = expert_cases._case(0, "top2", None, torch.float32, 0, 2)
+    z = routed_experts_triton(torch.empty(2, 0, expert_cases.I), gate_up, sg, su, gb, ub, da, experts, weights, expert_cases.E)
+    assert z.shape == (2, 0, expert_cases.E * expert_cases.R)
+    gate_up, sg, su, gb, ub, da, experts, weights = expert_cases._case(4, "top2", None, torch.float32, 0)
+    with pytest.raises(ValueError):
+        routed_experts_triton(torch.empty(1, 4, expert_cases.I), gate_up, sg, su, gb[:, :-1], ub, da, experts, weights,
+                              expert_cases.E)
+    with pytest.raises(ValueError):  # a shrink without its row block
+        routed_experts_triton(torch.empty(1, 4, expert_cases.I), gate_up, sg, su, None, ub, da, experts, weights, expert_cases.E)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -270,29 +308,42 @@ def test_kernels_import_without_triton() -> None:
 
 # ------------------------------------------------------------------------------- GPU compile (no GPU)
 
-# Compiles every kernel down to an sm_90 cubin (the triton wheel bundles ptxas), for the first and
-# last autotune config, so code that only the GPU compiler sees (layouts, MMA, barriers, split-K
-# atomics) is checked here too. Runs without TRITON_INTERPRET, in a subprocess.
+# Compiles every kernel down to an sm_90 cubin (the triton wheel bundles ptxas and cuobjdump) for its
+# first autotune config and, at rank buckets 16 and 64, for the config the register budget keeps with
+# the largest estimate, so code that only the GPU compiler sees (layouts, MMA, barriers, split-K
+# atomics) is checked here too, and the budget is checked against ptxas: no kept config may spill
+# (cuobjdump's STACK: the local-memory frame spills go to). Runs without TRITON_INTERPRET, in a subprocess.
 AOT_CHECK = r"""
-import sys
+import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.triton import lora as L, s2ft as S
-assert not L.INTERPRET
-extra = {
-    L._sgmv_shrink_kernel: dict(BLOCK_R=16, PRECISION="tf32"),
-    L._sgmv_expand_kernel: dict(BLOCK_R=16, PRECISION="tf32"),
-    L._bgmv_shrink_kernel: dict(BLOCK_R=16),
-    L._bgmv_expand_kernel: dict(BLOCK_R=16, HAS_WEIGHT=True),
-    S._s2ft_col_kernel: dict(PRECISION="tf32"),
-    S._s2ft_row_scatter_kernel: dict(),
+from kernels.triton import autotune as T, experts as X, lora as L, s2ft as S
+assert not T.INTERPRET
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+consts = {  # constexprs the launch passes, by rank bucket
+    L._sgmv_shrink_kernel: lambda rb: dict(BLOCK_R=rb, PRECISION="tf32"),
+    L._sgmv_expand_kernel: lambda rb: dict(BLOCK_R=rb, PRECISION="tf32"),
+    L._bgmv_shrink_kernel: lambda rb: {},
+    L._bgmv_expand_kernel: lambda rb: {},
+    X._routed_experts_kernel: lambda rb: dict(PRECISION="tf32"),
+    S._s2ft_col_kernel: lambda rb: dict(PRECISION="tf32"),
+    S._s2ft_row_scatter_kernel: lambda rb: {},
 }
-types = {"v_ptr": "*fp32", "h_ptr": "*fp32", "idx_ptr": "*i64"}
-for kern, consts in extra.items():
+types = {"v_ptr": "*fp32", "h_ptr": "*fp32", "idx_ptr": "*i64", "ex_ptr": "*i64", "w_ptr": "*fp32", "z_ptr": "*fp32"}
+for kern, const in consts.items():
     fn = kern.fn
-    for cfg in (kern.configs[0], kern.configs[-1]):
-        c = {**consts, **cfg.kwargs}
+    prune = kern.early_config_prune
+    todo = [(kern.configs[0], const(16), False)]
+    for rb in (16, 32, 64):
+        args = {"rank_bucket": rb, **const(rb)}
+        kept = prune(kern.configs, {"rank_bucket": rb}, **const(rb))
+        est = {c: T.register_estimate(c, prune.tile_elems, args) for c in kept}
+        assert all(e <= T.REGISTER_BUDGET and c.kwargs.get("BLOCK_R", 0) <= rb for c, e in est.items()), fn.__name__
+        if rb != 32:
+            todo.append((max(kept, key=lambda c: (est[c], c.kwargs.get("BLOCK_R", 0), c.num_warps)), const(rb), True))
+    for cfg, c0, budgeted in todo:
+        c = {**c0, **cfg.kwargs}
         sig = {n: "constexpr" if n in c else types.get(n, ("*i32" if n.startswith(("seg_", "tok_")) else "*bf16")
                                                      if n.endswith("_ptr") else "i32") for n in fn.arg_names}
         try:
@@ -303,23 +354,84 @@ for kern, consts in extra.items():
                 sys.exit(77)
             raise
         assert out.asm["cubin"], fn.__name__
+        if budgeted and os.path.exists(CUOBJDUMP):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(out.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+            regs, stack = (int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "STACK"))
+            print(fn.__name__, c, "warps", cfg.num_warps, "registers", regs, "stack", stack)
+            assert stack == 0, f"{fn.__name__} {c} num_warps={cfg.num_warps} spills: {usage}"
 """
 
 
-def test_kernels_compile_for_sm90_without_a_gpu() -> None:
+def test_kernels_compile_for_sm90_and_the_configs_kept_do_not_spill() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", AOT_CHECK], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", AOT_CHECK], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if r.returncode == 77:
         pytest.skip("triton's ptxas is not available")
     assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("stack 0") >= 10 or not r.stdout, r.stdout  # the kept configs were measured
 
 
-def test_bgmv_autotune_prunes_tiles_that_would_spill_for_large_ranks() -> None:
+# ----------------------------------------------------------------------------------------- autotuning
+
+
+def test_register_budget_drops_tiles_that_would_spill_and_rank_tiles_wider_than_the_bucket() -> None:
     import triton
 
-    cfgs = [triton.Config({"BLOCK_K": bk}) for bk in (128, 256, 512)]
-    prune = triton_lora.prune_rank_tile("BLOCK_K")["early_config_prune"]
-    assert [c.kwargs["BLOCK_K"] for c in prune(cfgs, {"max_rank": 16})] == [128, 256, 512]
-    assert [c.kwargs["BLOCK_K"] for c in prune(cfgs, {"max_rank": 64})] == [128]
-    assert [c.kwargs["BLOCK_K"] for c in prune(cfgs, {"max_rank": 256})] == [128]  # nothing fits: the smallest
+    cfgs = [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=nw)
+            for br, bk, nw in ((16, 128, 4), (16, 256, 4), (16, 512, 4), (64, 128, 4), (64, 128, 8), (64, 512, 4))]
+    tile = triton_lora._bgmv_shrink_tile  # 2 x R x K elements, 2 registers each
+    kept = autotune.fit_register_budget(cfgs, tile, {"rank_bucket": 64})
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept] == [(16, 128, 4), (16, 256, 4), (64, 128, 8)]
+    kept = autotune.fit_register_budget(cfgs, tile, {"rank_bucket": 16})  # 64-row rank tiles: masked rows only
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"]) for c in kept] == [(16, 128), (16, 256)]
+    assert autotune.fit_register_budget(cfgs[-1:], tile, {"rank_bucket": 64}) == cfgs[-1:]  # nothing fits: the smallest
+
+
+def test_autotune_keys_are_buckets() -> None:
+    assert [autotune.rank_bucket(r) for r in (1, 8, 16, 17, 33, 64, 65, 256, 4096)] == [16, 16, 16, 32, 64, 64, 64, 64, 64]
+    assert [autotune.token_bucket(t) for t in (0, 1, 3, 5, 1000, 1025, 10 ** 6)] == [1, 1, 4, 8, 1024, 1024, 1024]
+    assert autotune.rank_buckets(40) == [16, 32, 64] and autotune.rank_buckets(16) == [16]
+    assert autotune.token_buckets(12) == [1, 2, 4, 8, 16] and autotune.token_buckets(12, 5) == [8, 16]
+    assert autotune.token_buckets(4, 5) == [] and autotune.token_buckets(5000, 5)[-1] == autotune.TOKEN_BUCKET_CAP
+    for kern in (triton_lora._sgmv_shrink_kernel, triton_lora._bgmv_shrink_kernel, triton_experts_kernel(), *s2ft_kernels()):
+        assert "rank_bucket" in kern.keys and not {"max_rank", "n", "T"} & set(kern.keys), kern.keys
+
+
+def triton_experts_kernel():
+    from kernels.triton import experts
+
+    return experts._routed_experts_kernel
+
+
+def s2ft_kernels():
+    from kernels.triton import s2ft
+
+    return [s2ft._s2ft_col_kernel, s2ft._s2ft_row_scatter_kernel]
+
+
+def test_warmup_autotunes_every_bucket_key_the_server_can_meet() -> None:
+    from kernels.triton import s2ft
+
+    pairs = [(24, 40), (40, 24), (24, 40)]  # duplicates are fine
+    max_rank, max_tokens, mlp, entries = 40, 8, 24, 20
+    n = autotune.warmup("cpu", torch.float32, pairs, max_rank, max_tokens, mlp_sizes=[mlp], max_s2ft_entries=entries,
+                        progress=False)
+    d_in, d_out = {24, 40}, {40, 24}
+    ranks, s2ft_ranks, tokens, lens = [16, 32, 64], [16, 32], [1, 2, 4, 8], [8]
+    expected = {
+        triton_lora._bgmv_shrink_kernel: {(d, r, t) for d in d_in for r in ranks for t in tokens},
+        triton_lora._sgmv_shrink_kernel: {(d, r, t) for d in d_in for r in ranks for t in lens},
+        triton_lora._bgmv_expand_kernel: {(d, r, t) for d in d_out for r in ranks for t in tokens},
+        triton_lora._sgmv_expand_kernel: {(d, r, t) for d in d_out for r in ranks for t in lens},
+        triton_experts_kernel(): {(mlp, r, t) for r in ranks for t in tokens},
+        s2ft._s2ft_col_kernel: {(d, r, t) for d in d_out for r in s2ft_ranks for t in tokens},
+        s2ft._s2ft_row_scatter_kernel: {(r, t) for r in s2ft_ranks for t in tokens},
+    }
+    for kern, keys in expected.items():
+        cached = {k[:len(kern.keys)] for k in kern.cache}
+        assert keys <= cached, (kern.fn.__name__, sorted(keys - cached))
+    assert n == sum(len(k) for k in expected.values())

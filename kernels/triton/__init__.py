@@ -11,15 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["available", "sgmv_lora_triton", "s2ft_col_triton", "s2ft_row_triton", "routed_lora_triton",
-           "routed_lora_reference", "paged_decode_attention_triton", "paged_prefill_attention_triton"]
+__all__ = ["available", "sgmv_lora_triton", "s2ft_col_triton", "s2ft_row_triton", "routed_experts_triton",
+           "paged_decode_attention_triton", "paged_prefill_attention_triton"]
 
 _WHERE = {
     "sgmv_lora_triton": "kernels.triton.lora",
     "s2ft_col_triton": "kernels.triton.s2ft",
     "s2ft_row_triton": "kernels.triton.s2ft",
-    "routed_lora_triton": "kernels.triton.experts",
-    "routed_lora_reference": "kernels.triton.experts",
+    "routed_experts_triton": "kernels.triton.experts",
     "int8_linear_triton": "kernels.triton.quant",
     "paged_decode_attention_triton": "kernels.triton.attention",
     "paged_prefill_attention_triton": "kernels.triton.attention",

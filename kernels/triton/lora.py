@@ -6,15 +6,17 @@ Storage and batch metadata are those of kernels.lora: row pools lora_a [N_rows, 
 Two passes through an fp32 buffer v [T, max_rank]:
   shrink  v[t, :r] = x[t] @ A[o:o+r].T
   expand  y[t]    += v[t, :r] @ B[o:o+r]
-SGMV (prefill-like, long segments): one program per (segment, token block, rank/out block), tl.dot
-tiles; a segment's A/B rows are read once per token block. BGMV (decode-like, short segments): one
-program per (token, k-split / out block) with that token's row start and rank, vector FMA (a
-1-row tile would waste a tensor-core MMA). Mixed ranks are handled by masking rank rows >= r_i.
+SGMV (prefill-like, long segments): one program per (segment, token block, rank chunk / out block),
+tl.dot tiles; a segment's A/B rows are read once per token block. BGMV (decode-like, short segments):
+one program per (token, rank chunk x k-split / out block) with that token's row start and rank,
+vector FMA (a 1-row tile would waste a tensor-core MMA). Mixed ranks are handled by masking rank rows
+>= r_i. No tile grows with the rank: ranks above RANK_BUCKET_CAP (64) are split into rank chunks
+(a grid axis in the shrinks, a loop in the expands), so a rank-256 adapter keeps the register tile
+of a rank-64 one. Autotune keys and the start-up warmup: kernels.triton.autotune.
 """
 
 from __future__ import annotations
 
-import os
 from array import array
 from dataclasses import dataclass
 
@@ -25,41 +27,17 @@ from torch import Tensor
 
 from kernels.lora import _check
 from kernels.lora_plan import LoraPlan
+from kernels.triton.autotune import AUTOTUNE_OPTIONS, INTERPRET, configs, rank_bucket, register_prune, token_bucket
 
 __all__ = ["sgmv_lora_triton", "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "plan_meta",
            "PlanMeta", "BGMV_MAX_SEG_LEN", "INTERPRET"]
 
-# The interpreter runs every program in Python: autotuning there would only multiply test time.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_DOT = tl.constexpr(INTERPRET)  # read as a compile-time constant inside kernels
 
 # Plans whose longest LoRA segment has at most this many tokens run BGMV. A guess, not yet swept on
 # a GPU: below tl.dot's 16-row minimum tile most of an SGMV MMA would multiply masked rows, and
 # BGMV's per-token reads of A/B rows mostly hit L2 for such short segments.
 BGMV_MAX_SEG_LEN = 4
-
-
-def configs(interpret: dict, gpu: list[dict], num_warps: int = 4) -> list[triton.Config]:
-    """One config under TRITON_INTERPRET=1 (no benchmarking), the candidate list on real GPUs.
-    A gpu entry may carry its own "num_warps" / "num_stages"."""
-    if INTERPRET:
-        return [triton.Config(dict(interpret), num_warps=1)]
-    out = []
-    for c in gpu:
-        c = dict(c)
-        nw, ns = c.pop("num_warps", num_warps), c.pop("num_stages", 3)
-        out.append(triton.Config(c, num_warps=nw, num_stages=ns))
-    return out
-
-
-def prune_rank_tile(block: str, limit: int = 8192):
-    """early_config_prune for BGMV: keep configs whose [rank tile, `block`] fp32 tile stays <= `limit`
-    elements (64 registers per thread at 4 warps), so large ranks do not spill; at least the smallest."""
-    def prune(cfgs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        br = rank_block(named_args["max_rank"])
-        fit = [c for c in cfgs if br * c.kwargs[block] <= limit]
-        return fit or [min(cfgs, key=lambda c: c.kwargs[block])]
-    return {"early_config_prune": prune}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -78,14 +56,9 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 def len_bucket(meta: "PlanMeta") -> int:
-    """Autotune key for segment length: a power of two (capped), so a new longest segment each engine
-    step does not trigger a new benchmark."""
-    return min(triton.next_power_of_2(max(meta.max_seg_len, 1)), 1024)
-
-
-def rank_block(max_rank: int) -> int:
-    """Power-of-two tile covering max_rank (tl.dot needs >= 16 per dimension)."""
-    return max(16, triton.next_power_of_2(max(max_rank, 1)))
+    """The token part of a segment-tiled kernel's autotune key: the bucket of the longest segment, so
+    a new longest segment each engine step does not trigger a new benchmark."""
+    return token_bucket(meta.max_seg_len)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,22 +115,34 @@ def plan_meta(plan: LoraPlan, device: torch.device) -> PlanMeta:
 
 
 # --------------------------------------------------------------------------------------------------
-# SGMV: segment-tiled shrink and expand.
+# SGMV: segment-tiled shrink and expand. BLOCK_R = the rank bucket (<= RANK_BUCKET_CAP): the shrink
+# splits larger ranks over a grid axis, the expand loops over them.
 # --------------------------------------------------------------------------------------------------
+
+# Elements of the tiles a program keeps live (see autotune.fit_register_budget): the accumulator and
+# the operand tiles of the MMA.
+def _sgmv_shrink_tile(a: dict) -> int:
+    return a["BLOCK_M"] * a["BLOCK_R"] + (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"]
+
+
+def _sgmv_expand_tile(a: dict) -> int:
+    return a["BLOCK_M"] * a["BLOCK_N"] + (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_R"]
 
 
 @triton.autotune(
-    configs=configs(dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1),
-                    [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk) for bm in (16, 64) for bk in (64, 128) for sk in (1, 4)]),
-    key=["d_in", "max_rank", "len_bucket"], reset_to_zero=["v_ptr"])
-@triton.jit
+    configs=configs(dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=1),
+                    [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
+                     for bm, bk, nw in ((16, 64, 4), (16, 128, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8)) for sk in (1, 4)]),
+    key=["d_in", "rank_bucket", "len_bucket"], reset_to_zero=["v_ptr"], prune_configs_by=register_prune(_sgmv_shrink_tile),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "len_bucket"])
 def _sgmv_shrink_kernel(x_ptr, a_ptr, v_ptr, seg_start_ptr, seg_len_ptr, seg_row_ptr, seg_rank_ptr,
-                        d_in, max_rank, len_bucket, sxm, sxk, sam, sak, svm,
+                        d_in, rank_bucket, len_bucket, sxm, sxk, sam, sak, svm,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_r = tl.program_id(2) // SPLIT_K
+    pid_r = tl.program_id(2) // SPLIT_K  # rank chunk
     pid_k = tl.program_id(2) % SPLIT_K
     n = tl.load(seg_len_ptr + seg)
     rank = tl.load(seg_rank_ptr + seg)
@@ -185,11 +170,14 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, v_ptr, seg_start_ptr, seg_len_ptr, seg_row
 
 @triton.autotune(
     configs=configs(dict(BLOCK_M=16, BLOCK_N=64),
-                    [dict(BLOCK_M=bm, BLOCK_N=bn) for bm in (16, 64) for bn in (64, 128, 256)]),
-    key=["d_out", "max_rank", "len_bucket"], restore_value=["y_ptr"])
-@triton.jit
+                    [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+                     for bm, bn, nw in ((16, 64, 4), (16, 128, 4), (16, 256, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8),
+                                        (64, 256, 8))]),
+    key=["d_out", "rank_bucket", "len_bucket"], restore_value=["y_ptr"], prune_configs_by=register_prune(_sgmv_expand_tile),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "len_bucket"])
 def _sgmv_expand_kernel(v_ptr, b_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_row_ptr, seg_rank_ptr,
-                        d_out, max_rank, len_bucket, svm, sbm, sbn, sym, syn,
+                        d_out, rank_bucket, len_bucket, svm, sbm, sbn, sym, syn,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg = tl.program_id(0)
@@ -205,7 +193,7 @@ def _sgmv_expand_kernel(v_ptr, b_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_row
     tok = (tl.load(seg_start_ptr + seg) + offs_m).to(tl.int64)
     row0 = tl.load(seg_row_ptr + seg)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
+    for r0 in range(0, rank, BLOCK_R):  # rank chunks
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         rows = (row0 + offs_r).to(tl.int64)
@@ -226,12 +214,12 @@ def sgmv_shrink(x: Tensor, lora_a: Tensor, meta: PlanMeta, v: Tensor) -> None:
     """
     if meta.num_segs == 0:
         return
-    BLOCK_R = min(rank_block(meta.max_rank), 64)
+    BLOCK_R = rank_bucket(meta.max_rank)
     d_in = x.shape[1]
     grid = lambda META: (meta.num_segs, triton.cdiv(meta.max_seg_len, META["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(meta.max_rank, BLOCK_R) * META["SPLIT_K"])
     _sgmv_shrink_kernel[grid](x, lora_a, v, meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank,
-                              d_in, meta.max_rank, len_bucket(meta), x.stride(0), x.stride(1),
+                              d_in, BLOCK_R, len_bucket(meta), x.stride(0), x.stride(1),
                               lora_a.stride(0), lora_a.stride(1), v.stride(0),
                               BLOCK_R=BLOCK_R, PRECISION=dot_precision(x.dtype))
 
@@ -240,35 +228,49 @@ def sgmv_expand(y: Tensor, v: Tensor, lora_b: Tensor, meta: PlanMeta) -> None:
     """Semantics: y[s:s+n] += v[s:s+n, :r] @ B[o:o+r]  for every LoRA segment (s, n, o, r) of meta (in place)"""
     if meta.num_segs == 0:
         return
-    BLOCK_R = min(rank_block(meta.max_rank), 64)
+    BLOCK_R = rank_bucket(meta.max_rank)
     d_out = y.shape[1]
     grid = lambda META: (meta.num_segs, triton.cdiv(meta.max_seg_len, META["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(d_out, META["BLOCK_N"]))
     _sgmv_expand_kernel[grid](v, lora_b, y, meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank,
-                              d_out, meta.max_rank, len_bucket(meta), v.stride(0),
+                              d_out, BLOCK_R, len_bucket(meta), v.stride(0),
                               lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
                               BLOCK_R=BLOCK_R, PRECISION=dot_precision(lora_b.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
-# BGMV: one (row start, rank) per token, vector FMA.
+# BGMV: one (row start, rank) per token, vector FMA, rank in chunks of BLOCK_R (tuned, <= the bucket).
 # --------------------------------------------------------------------------------------------------
 
 
+def _bgmv_shrink_tile(a: dict) -> int:
+    return 2 * a["BLOCK_R"] * a["BLOCK_K"]  # the [R, K] accumulator and the A tile
+
+
+def _bgmv_expand_tile(a: dict) -> int:
+    return a["BLOCK_R"] * a["BLOCK_N"] + a["BLOCK_N"]  # the B tile and the [N] accumulator
+
+
 @triton.autotune(
-    configs=configs(dict(BLOCK_K=64, SPLIT_K=2),  # split-K under the interpreter: tests the atomic path
-                    [dict(BLOCK_K=bk, SPLIT_K=sk) for bk in (128, 256, 512) for sk in (1, 4, 8)]),
-    key=["d_in", "max_rank"], reset_to_zero=["v_ptr"], prune_configs_by=prune_rank_tile("BLOCK_K"))
-@triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, v_ptr, tok_row_ptr, tok_rank_ptr, d_in, max_rank, sxm, sxk, sam, sak, svm,
-                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    configs=configs(dict(BLOCK_R=32, BLOCK_K=32, SPLIT_K=2),  # split-K under the interpreter: tests the atomic path
+                    [dict(BLOCK_R=br, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
+                     for br, bk, nw in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (64, 64, 4), (16, 512, 8), (32, 256, 8),
+                                        (64, 128, 8)) for sk in (1, 4, 16)]),
+    key=["d_in", "rank_bucket", "tok_bucket"], reset_to_zero=["v_ptr"], prune_configs_by=register_prune(_bgmv_shrink_tile),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "tok_bucket"])
+def _bgmv_shrink_kernel(x_ptr, a_ptr, v_ptr, tok_row_ptr, tok_rank_ptr, d_in, rank_bucket, tok_bucket,
+                        sxm, sxk, sam, sak, svm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
+    pid_r = tl.program_id(1) // SPLIT_K  # rank chunk: a program's tile is [BLOCK_R, BLOCK_K] whatever the rank
+    pid_k = tl.program_id(1) % SPLIT_K
     row0 = tl.load(tok_row_ptr + t)
     if row0 < 0:
         return  # base-model token
     rank = tl.load(tok_rank_ptr + t)
-    offs_r = tl.arange(0, BLOCK_R)
+    if pid_r * BLOCK_R >= rank:
+        return  # the grid covers the batch's largest rank
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     rows = (row0 + offs_r).to(tl.int64)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # reduced once after the loop
@@ -286,26 +288,30 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, v_ptr, tok_row_ptr, tok_rank_ptr, d_in, ma
 
 
 @triton.autotune(
-    configs=configs(dict(BLOCK_N=64), [dict(BLOCK_N=bn, num_warps=nw) for bn in (32, 64, 128, 256) for nw in (2, 4)]),
-    key=["d_out", "max_rank"], restore_value=["y_ptr"], prune_configs_by=prune_rank_tile("BLOCK_N"))
-@triton.jit
-def _bgmv_expand_kernel(v_ptr, b_ptr, y_ptr, tok_row_ptr, tok_rank_ptr, w_ptr, d_out, max_rank, svm, sbm, sbn, sym, syn,
-                        BLOCK_R: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    configs=configs(dict(BLOCK_R=32, BLOCK_N=64),
+                    [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw) for br in (16, 32, 64) for bn in (64, 128, 256)
+                     for nw in (2, 4)]),
+    key=["d_out", "rank_bucket", "tok_bucket"], restore_value=["y_ptr"], prune_configs_by=register_prune(_bgmv_expand_tile),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "tok_bucket"])
+def _bgmv_expand_kernel(v_ptr, b_ptr, y_ptr, tok_row_ptr, tok_rank_ptr, d_out, rank_bucket, tok_bucket,
+                        svm, sbm, sbn, sym, syn, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     row0 = tl.load(tok_row_ptr + t)
     if row0 < 0:
         return
     rank = tl.load(tok_rank_ptr + t)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_mask, n_mask = offs_r < rank, offs_n < d_out
-    rows = (row0 + offs_r).to(tl.int64)
-    vt = tl.load(v_ptr + t * svm + offs_r, mask=r_mask, other=0.0)
-    bt = tl.load(b_ptr + rows[:, None] * sbm + offs_n[None, :] * sbn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.sum(vt[:, None] * bt.to(tl.float32), axis=0)
-    if HAS_WEIGHT:
-        acc = acc * tl.load(w_ptr + t).to(tl.float32)
+    n_mask = offs_n < d_out
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):  # rank chunks
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        rows = (row0 + offs_r).to(tl.int64)
+        vt = tl.load(v_ptr + t * svm + offs_r, mask=r_mask, other=0.0)
+        bt = tl.load(b_ptr + rows[:, None] * sbm + offs_n[None, :] * sbn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.sum(vt[:, None] * bt.to(tl.float32), axis=0)
     ptrs = y_ptr + t * sym + offs_n * syn
     yt = tl.load(ptrs, mask=n_mask, other=0.0)
     tl.store(ptrs, (yt.to(tl.float32) + acc).to(yt.dtype), mask=n_mask)
@@ -314,26 +320,24 @@ def _bgmv_expand_kernel(v_ptr, b_ptr, y_ptr, tok_row_ptr, tok_rank_ptr, w_ptr, d
 def bgmv_shrink(x: Tensor, lora_a: Tensor, tok_row: Tensor, tok_rank: Tensor, max_rank: int, v: Tensor) -> None:
     """Semantics: v[t, :r_t] (+)= x[t] @ A[o_t:o_t+r_t].T  for every t with o_t = tok_row[t] >= 0, r_t = tok_rank[t]
 
-    v: [T, >= max_rank] float32, zero-filled (split-K programs accumulate into it).
+    v: [T, >= max_rank] float32, zero-filled (split-K programs accumulate into it). max_rank >= every r_t.
     """
     T, d_in = x.shape
     if T == 0 or max_rank == 0:
         return
-    grid = lambda META: (T, META["SPLIT_K"])  # noqa: E731
-    _bgmv_shrink_kernel[grid](x, lora_a, v, tok_row, tok_rank, d_in, max_rank, x.stride(0), x.stride(1),
-                              lora_a.stride(0), lora_a.stride(1), v.stride(0), BLOCK_R=rank_block(max_rank))
+    grid = lambda META: (T, triton.cdiv(max_rank, META["BLOCK_R"]) * META["SPLIT_K"])  # noqa: E731
+    _bgmv_shrink_kernel[grid](x, lora_a, v, tok_row, tok_rank, d_in, rank_bucket(max_rank), token_bucket(T),
+                              x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0))
 
 
-def bgmv_expand(y: Tensor, v: Tensor, lora_b: Tensor, tok_row: Tensor, tok_rank: Tensor, max_rank: int,
-                weight: Tensor | None = None) -> None:
-    """Semantics: y[t] += w_t * (v[t, :r_t] @ B[o_t:o_t+r_t])  for every t with o_t >= 0 (w_t = 1 without weight)"""
+def bgmv_expand(y: Tensor, v: Tensor, lora_b: Tensor, tok_row: Tensor, tok_rank: Tensor, max_rank: int) -> None:
+    """Semantics: y[t] += v[t, :r_t] @ B[o_t:o_t+r_t]  for every t with o_t = tok_row[t] >= 0 (in place)"""
     T, d_out = y.shape
     if T == 0 or max_rank == 0:
         return
     grid = lambda META: (T, triton.cdiv(d_out, META["BLOCK_N"]))  # noqa: E731
-    _bgmv_expand_kernel[grid](v, lora_b, y, tok_row, tok_rank, weight, d_out, max_rank, v.stride(0),
-                              lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-                              BLOCK_R=rank_block(max_rank), HAS_WEIGHT=weight is not None)
+    _bgmv_expand_kernel[grid](v, lora_b, y, tok_row, tok_rank, d_out, rank_bucket(max_rank), token_bucket(T),
+                              v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from kernels.lora_plan import LoraPlan
 from kernels.s2ft import _check
-from kernels.triton.lora import configs, dot_precision, len_bucket, mma, plan_meta, shrink_by_plan
+from kernels.triton.autotune import AUTOTUNE_OPTIONS, configs, rank_bucket, register_prune
+from kernels.triton.lora import dot_precision, len_bucket, mma, plan_meta, shrink_by_plan
 
 __all__ = ["s2ft_col_triton", "s2ft_row_triton"]
 
@@ -20,10 +21,12 @@ __all__ = ["s2ft_col_triton", "s2ft_row_triton"]
 @triton.autotune(
     configs=configs(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_E=32),
                     [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be) for bm in (16, 64) for bn in (64, 128) for be in (32, 64)]),
-    key=["d_out", "max_rank", "len_bucket"], restore_value=["y_ptr"])
-@triton.jit
+    key=["d_out", "rank_bucket", "len_bucket"], restore_value=["y_ptr"],
+    prune_configs_by=register_prune(lambda a: a["BLOCK_M"] * a["BLOCK_N"] + (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_E"]),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "len_bucket"])
 def _s2ft_col_kernel(x_ptr, idx_ptr, w_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_row_ptr, seg_rank_ptr,
-                     d_out, max_rank, len_bucket, sxm, sxk, swm, swn, sym, syn,
+                     d_out, rank_bucket, len_bucket, sxm, sxk, swm, swn, sym, syn,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -57,10 +60,12 @@ def _s2ft_col_kernel(x_ptr, idx_ptr, w_ptr, y_ptr, seg_start_ptr, seg_len_ptr, s
     configs=configs(dict(BLOCK_M=16, BLOCK_E=32),
                     # no software pipelining across the barrier-ordered read-modify-write chunks
                     [dict(BLOCK_M=bm, BLOCK_E=be, num_stages=1) for bm in (16, 32, 64) for be in (32, 64)]),
-    key=["max_rank", "len_bucket"], restore_value=["y_ptr"])
-@triton.jit
+    key=["rank_bucket", "len_bucket"], restore_value=["y_ptr"],
+    prune_configs_by=register_prune(lambda a: 3 * a["BLOCK_M"] * a["BLOCK_E"] + a["BLOCK_E"] * a["BLOCK_E"]),
+    **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=["rank_bucket", "len_bucket"])
 def _s2ft_row_scatter_kernel(h_ptr, idx_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_row_ptr, seg_rank_ptr,
-                             max_rank, len_bucket, shm, sym, syn, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+                             rank_bucket, len_bucket, shm, sym, syn, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     # One program owns the y rows of one token block of one segment, so no other program writes them.
     # Within an entry chunk, entries sharing an output row are summed first (a [E, E] "same row"
     # matrix product) and only the first of them stores; chunks run in order with a CTA barrier
@@ -106,7 +111,7 @@ def s2ft_col_triton(y: Tensor, x: Tensor, col_idx: Tensor, col_w: Tensor, plan: 
     grid = lambda META: (meta.num_segs, triton.cdiv(meta.max_seg_len, META["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(d_out, META["BLOCK_N"]))
     _s2ft_col_kernel[grid](x, col_idx, col_w, y, meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank,
-                           d_out, meta.max_rank, len_bucket(meta), x.stride(0), x.stride(1),
+                           d_out, rank_bucket(meta.max_rank), len_bucket(meta), x.stride(0), x.stride(1),
                            col_w.stride(0), col_w.stride(1), y.stride(0), y.stride(1),
                            PRECISION=dot_precision(x.dtype))
 
@@ -125,4 +130,4 @@ def s2ft_row_triton(y: Tensor, x: Tensor, row_idx: Tensor, row_w: Tensor, plan: 
     meta, h, _ = shrink_by_plan(x, row_w, plan)
     grid = lambda META: (meta.num_segs, triton.cdiv(meta.max_seg_len, META["BLOCK_M"]))  # noqa: E731
     _s2ft_row_scatter_kernel[grid](h, row_idx, y, meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank,
-                                   meta.max_rank, len_bucket(meta), h.stride(0), y.stride(0), y.stride(1))
+                                   rank_bucket(meta.max_rank), len_bucket(meta), h.stride(0), y.stride(0), y.stride(1))
