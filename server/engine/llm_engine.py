@@ -142,6 +142,8 @@ class LLMEngine:
         if seq.adapter is None:
             return True
         if self.adapters.get(seq.adapter) is not None:
+            if not self.adapters.ready(seq.adapter):
+                return False  # its copy to the device is still in flight: the other requests go on
             self.adapters.touch(seq.adapter)
         elif seq.adapter_weights is None:
             raise RequestFailed("the adapter was unloaded before this request could use it: retry")

@@ -168,10 +168,8 @@ class AdapterManager:
         `weights`: what a family parses (server.families.base.AdapterWeights)."""
         entry = self.resident.get(weights.name)
         if entry is not None:
-            if entry.loading is not None:
-                if not self.transfers.done(entry.loading[0]):
-                    return None
-                entry.loading = None
+            if not self.ready(weights.name):
+                return None
             self.touch(weights.name)
             return entry
         space = self.spaces[weights.space]
@@ -253,6 +251,15 @@ class AdapterManager:
             raise ValueError(f"adapter {weights.name!r} does not fit in the adapter budget next to the pinned/active ones")
         entry.pinned = pinned
         return entry
+
+    def ready(self, name: str) -> bool:
+        """Whether a resident adapter's copy to the device has completed (its requests may run)."""
+        entry = self.resident[name]
+        if entry.loading is not None:
+            if not self.transfers.done(entry.loading[0]):
+                return False
+            entry.loading = None  # the host rows it copied from may go
+        return True
 
     def touch(self, name: str) -> None:
         """A request uses a resident adapter: a hit, and the most recently used now."""
