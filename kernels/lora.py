@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.lora_plan import LoraPlan, make_lora_plan
+from kernels.lora_plan import LoraPlan, make_bgmv_plan, make_lora_plan
 
-__all__ = ["LoraPlan", "make_lora_plan", "sgmv_lora", "sgmv_lora_reference"]
+__all__ = ["LoraPlan", "make_bgmv_plan", "make_lora_plan", "sgmv_lora", "sgmv_lora_reference"]
 
 
 def _check(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan) -> None:
@@ -33,6 +33,12 @@ def sgmv_lora_reference(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, pl
     float32; y is updated in place, rounded once to its dtype.
     """
     _check(y, x, lora_a, lora_b, plan)
+    if plan.path == "bgmv":  # one adapter per token: the same loop over tokens (reads the device rows)
+        for t, (o, r) in enumerate(zip(plan.tok_row.tolist(), plan.tok_rank.tolist())):
+            if o >= 0 and r > 0:
+                h = x[t].float() @ lora_a[o:o + r].float().T
+                y[t] = (y[t].float() + h @ lora_b[o:o + r].float()).to(y.dtype)
+        return
     for i, o in enumerate(plan.seg_row_start):
         s, e, r = plan.seg_indptr[i], plan.seg_indptr[i + 1], plan.seg_rank[i]
         if o < 0 or r == 0 or e == s:
@@ -66,6 +72,9 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
         return
     _check(y, x, lora_a, lora_b, plan)
     upcast = _upcast_gemms(x)
+    if plan.path == "bgmv":
+        bgmv_lora(y, x, lora_a, lora_b, plan, upcast)
+        return
     for s, e, o, r in plan.loop_segs:
         a, b = lora_a[o:o + r], lora_b[o:o + r]  # views: no weight copy
         xs, ys = (x, y) if e - s == plan.num_tokens else (x[s:e], y[s:e])  # slicing costs ~1.5 us each
@@ -77,6 +86,17 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
         return
     w = batched_shrink(x, lora_a, plan, upcast)
     batched_expand(y, lora_b, w.to(lora_b.dtype) if w.dtype != lora_b.dtype else w, plan)
+
+
+def bgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan, upcast: bool) -> None:
+    """The bgmv path: every token's rank rows gathered ([T, R, d] copies: the CUDA-graph decode path of a
+    GPU without triton, where T is a decode batch), masked past its rank, two batched GEMVs."""
+    a, b = lora_a[plan.bgmv_rows], lora_b[plan.bgmv_rows]  # [T, R, d_in], [T, R, d_out]
+    xs = x.unsqueeze(2)
+    if upcast:
+        a, b, xs = a.float(), b.float(), xs.float()
+    h = torch.bmm(a, xs).squeeze(2) * plan.bgmv_mask.to(a.dtype)  # [T, R]
+    y.add_(torch.bmm(h.unsqueeze(1).to(b.dtype), b).squeeze(1).to(y.dtype))
 
 
 def batched_shrink(x: Tensor, rows_pool: Tensor, plan: LoraPlan, upcast: bool) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from kernels.staging import HostStaging
 
-__all__ = ["LoraPlan", "make_lora_plan", "LONG_SEGMENT_TOKENS", "LOOP_MAX_SEGMENTS"]
+__all__ = ["LoraPlan", "make_lora_plan", "make_bgmv_plan", "LONG_SEGMENT_TOKENS", "LOOP_MAX_SEGMENTS"]
 
 # Path choice, from sweeps on the 2-core AVX2 dev box (d_in=576, d_out 576/1536, rank 16, fp32):
 # a loop step (mm + addmm_ on pool views) costs ~13 us (1 thread) to ~20-30 us (2 threads) per
@@ -42,6 +42,9 @@ class LoraPlan:
                     h [G, L, R], then embedding_bag over the B pool with h as per-sample weights
                     (B is read in place; padded slots / rank rows are left out of the bags).
           "loop+batched" long segments (>= LONG_SEGMENT_TOKENS) loop, the rest is batched.
+          "bgmv"    one adapter row range per token, from device tensors (tok_row, tok_rank; row -1 =
+                    no delta): no host data at all, so a CUDA graph can replay it with new rows
+                    (make_bgmv_plan). The segment fields are empty.
     """
 
     num_tokens: int
@@ -69,6 +72,22 @@ class LoraPlan:
     # Device metadata of the Triton kernels (kernels.triton.lora.plan_meta), built on first use and
     # cached here so every (layer, module) call of the step reuses one host->device copy.
     triton_meta: object = field(default=None, repr=False)
+    # --- bgmv path ---
+    tok_row: Tensor | None = field(default=None, repr=False)  # [T] first pool row of each token's adapter, -1 = none
+    tok_rank: Tensor | None = field(default=None, repr=False)  # [T] its rank (max_rank bounds them all)
+    bgmv_rows: Tensor | None = field(default=None, repr=False)  # [T, max_rank] pool row per (token, rank slot), clamped valid
+    bgmv_mask: Tensor | None = field(default=None, repr=False)  # [T, max_rank] which of them are real
+
+
+def make_bgmv_plan(tok_row: Tensor, tok_rank: Tensor, max_rank: int) -> LoraPlan:
+    """A plan from per-token rows on the device (`bgmv` path): tok_row [T] (-1 = base), tok_rank [T] <= max_rank.
+    Device ops only, so it can be built inside a captured CUDA graph from its static buffers."""
+    T = tok_row.shape[0]
+    slots = torch.arange(max_rank, device=tok_row.device)
+    mask = (slots < tok_rank.unsqueeze(1)) & (tok_row.unsqueeze(1) >= 0)  # [T, R]
+    rows = (tok_row.clamp(min=0).unsqueeze(1) + slots) * mask  # masked slots read row 0: any valid row
+    return LoraPlan(num_tokens=T, seg_indptr=[0, T], seg_row_start=[-1], seg_rank=[0], path="bgmv", max_rank=max_rank,
+                    tok_row=tok_row, tok_rank=tok_rank, bgmv_rows=rows, bgmv_mask=mask)
 
 
 def make_lora_plan(

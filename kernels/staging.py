@@ -55,3 +55,15 @@ class HostStaging:
                 converted[dtype] = packed.to(dtype)
             on_device(converted[dtype][start:end])
         self._parts.clear()
+
+    @staticmethod
+    def copy_into(dst: Tensor, values: array) -> None:
+        """Copy a host int64 array into the device buffer `dst` (same length) in one copy: from pinned
+        memory and non-blocking on CUDA (the static buffers CUDA graphs read)."""
+        host = torch.frombuffer(values, dtype=torch.long) if len(values) else torch.empty(0, dtype=torch.long)
+        if dst.device.type == "cuda":
+            pinned = torch.empty(host.shape, dtype=torch.long, pin_memory=True)
+            pinned.copy_(host)
+            dst.copy_(pinned, non_blocking=True)
+        else:
+            dst.copy_(host)

@@ -159,3 +159,22 @@ def test_the_checker_catches_a_tensor_created_on_the_cpu(model_dir, monkeypatch)
     monkeypatch.setattr(ModelRunner, "forward", forgetful)
     with pytest.raises(AssertionError, match="Tensor on device cpu is not on the expected device meta"):
         _run_steps(engine, [(list(range(100, 110)), None, SamplingParams(max_tokens=1, temperature=0.0))])
+
+
+def test_the_decode_graphs_static_buffers_run_on_the_meta_device(model_dir, family_weights, monkeypatch):
+    """The CUDA-graph path's forward (server.engine.decode_graphs) over its static buffers, graphs replaced
+    by plain calls (EagerBackend: capture needs CUDA)."""
+    from server.engine.decode_graphs import DecodeGraphs, EagerBackend
+
+    engine = _meta_engine(model_dir, "none", monkeypatch)
+    for name in ("lora", "lora-attn", "reclora-alice"):
+        engine.adapters.add(family_weights[name])
+    with DevicePlacement(engine.device):
+        graphs = engine.runner.graphs = DecodeGraphs(engine.runner, 8, 64, 64, EagerBackend(), progress=False)
+    replayed = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda layout, fresh: (replayed.append(len(layout.decode_tables)), run(layout, fresh))[1])
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    seqs, _ = _run_steps(engine, [(list(range(100, 110)), a, params) for a in (None, "lora", "lora-attn", "reclora-alice", "lora")])
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert 5 in replayed  # decode steps of all five went through the static buffers (the last prompt, chunked, trails by a step)

@@ -369,6 +369,11 @@ def sgmv_lora_triton(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan:
     if plan.path == "none":
         return
     _check(y, x, lora_a, lora_b, plan)
+    if plan.path == "bgmv":  # per-token rows already on the device (a CUDA graph's decode step): no plan metadata
+        v = torch.zeros(plan.num_tokens, max(plan.max_rank, 1), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x, lora_a, plan.tok_row, plan.tok_rank, plan.max_rank, v)
+        bgmv_expand(y, v, lora_b, plan.tok_row, plan.tok_rank, plan.max_rank)
+        return
     meta, v, bgmv = shrink_by_plan(x, lora_a, plan)
     if bgmv:
         bgmv_expand(y, v, lora_b, meta.tok_row, meta.tok_rank, meta.max_rank)

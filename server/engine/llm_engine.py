@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 
 from kernels.dispatch import select_kernels
 from server.config import EngineConfig
+from kernels.quant import Int8Weight
 from server.engine.block_manager import BlockManager
+from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
 from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner, StepResult
@@ -25,6 +27,7 @@ from server.families.registry import FAMILIES, parse_adapter
 from server.lora.peft import read_adapter_files
 from server.models.config import ModelConfig
 from server.models.loader import load_model
+from server.models.modules import ADAPTER_MODULES, module_dims
 from server.models.quantize import describe_kernels, quantize_model, resolve_quantization, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,11 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter
         )
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device)
+        if self.device.type == "cuda":
+            self._warm_up_kernels(adapter_kernels)
+            if not config.enforce_eager:
+                max_blocks = -(-self.max_model_len // config.block_size)
+                self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, max_blocks, config.max_lora_rank, CudaGraphBackend(self.device))
         log.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
             num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
@@ -112,6 +120,24 @@ class LLMEngine:
         )
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self.last_step: StepStats | None = None
+
+    def _warm_up_kernels(self, kernels) -> None:
+        """Triton autotuning at start-up over every bucket the server can meet, never inside a step."""
+        if kernels.name != "triton":
+            return
+        from kernels.triton.autotune import warmup
+
+        cfg, dtype = self.model.config, self.model.dtype
+        pairs = sorted({module_dims(cfg, m) for m in ADAPTER_MODULES})
+        keys = warmup(self.device, dtype, pairs, self.config.max_lora_rank, self.config.max_num_batched_tokens,
+                      mlp_sizes=[cfg.intermediate_size], max_s2ft_entries=max(cfg.intermediate_size, cfg.hidden_size))
+        int8 = [lin.quant for layer in self.model.layers for lin in layer.linears() if isinstance(lin.quant, Int8Weight)]
+        if int8:
+            from kernels.triton.quant import warmup as warmup_int8
+
+            head = [self.model.lm_head_quant] if isinstance(self.model.lm_head_quant, Int8Weight) else []
+            warmup_int8(int8 + head, dtype, self.config.max_num_batched_tokens)
+        log.info("Triton kernels tuned for %d adapter shapes", keys)
 
     def _adapter_sources(self) -> dict[str, Path]:
         sources: dict[str, Path] = {}

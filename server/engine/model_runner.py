@@ -71,14 +71,21 @@ class ModelRunner:
         # decode block tables. Attention masks padded and not-yet-written positions, but a mask only
         # zeroes their weight, and 0 x NaN is NaN: what sits in a position a sequence never wrote must
         # be finite, so fresh blocks are zeroed too (zero_blocks) before their first use.
-        self.null_block = num_blocks
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One more, the scratch block, takes the keys of a CUDA graph's padding rows (server.engine.decode_graphs).
+        self.null_block, self.scratch_block = num_blocks, num_blocks + 1
+        shape = (num_blocks + 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         for layer in model.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
             layer.attn.v_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
         self._fresh_blocks: list[int] = []  # handed to sequences, cleared by the next step before its forward
         self._seq_state: dict[int, dict] = {}  # seq id -> its adapter family's state across steps (SeqRows.state)
+        self.graphs = None  # DecodeGraphs on CUDA (set by the engine): decode steps it fits are replayed
+
+    @staticmethod
+    def space_index(name: str) -> int:
+        """The index of a pool space in adapter keys (SPACE_ORDER)."""
+        return SPACE_ORDER.index(name)
 
     def zero_blocks(self, blocks: list[int]) -> None:
         """Clear blocks just handed to sequences before the next forward reads them: a block's earlier
@@ -99,6 +106,15 @@ class ModelRunner:
         """The sampled token of every scheduled sequence, the sequences that failed alone, and the
         number of distinct adapters in the step."""
         layout = self.prepare(scheduled)
+        if self.graphs is not None and self.graphs.fits(layout, self._fresh_blocks):
+            fresh, self._fresh_blocks = self._fresh_blocks, []
+            try:
+                hidden = self.graphs.run(layout, fresh)
+            except BaseException:
+                self._fresh_blocks[:0] = fresh
+                raise
+            n = len(layout.decode_tables)  # every decoding sequence samples, in row order
+            return self.sample(scheduled, layout, {"sample_rows": torch.arange(n, device=self.device)}, hidden)
         ctx, step = self.plan(layout)
         hidden = self.forward(step, ctx)
         result = self.sample(scheduled, layout, step, hidden)
@@ -217,6 +233,13 @@ class ModelRunner:
             if space_plans := self._plans(layout.seg_indptr, layout.seg_keys, index, staging):
                 plans[SPACES[name]] = space_plans
         return plans
+
+    def upload_into(self, static: torch.Tensor, host) -> None:
+        """Copy a host int64 array into a device buffer of the same length in one (non-blocking) copy."""
+        HostStaging.copy_into(static, host)
+
+    def zero_blocks_now(self, blocks: torch.Tensor) -> None:
+        self._zero(blocks)
 
     def _zero(self, blocks: torch.Tensor) -> None:
         if blocks.numel():

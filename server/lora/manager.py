@@ -91,6 +91,7 @@ class SpacePools:
         self.pooled: list[AdapterSlot] = []  # slots that have this family's pools
         self.unit_bytes = 0  # bytes one unit costs over every pool of the space (kept, not recomputed per step)
         self.resident_units = 0  # units owned by resident adapters (the manager keeps it)
+        self.generation = 0  # bumped whenever a pool is added or replaced (CUDA graphs hold their addresses)
 
     def ensure_pools(self, slot: AdapterSlot, owner: AdaptedLinear) -> None:
         if slot not in self.pooled:
@@ -98,6 +99,7 @@ class SpacePools:
                 slot.pools[name] = torch.zeros((self.units.capacity, *tail), dtype=dtype, device=self.device)
                 self.unit_bytes += slot.pools[name][0].nbytes
             self.pooled.append(slot)
+            self.generation += 1
             owner.refresh_active()
 
     def clear(self, start: int, n: int) -> None:
@@ -114,6 +116,7 @@ class SpacePools:
                 new[: old.shape[0]] = old
                 slot.pools[name] = new
         self.units.grow(capacity)
+        self.generation += 1
 
 
 class AdapterManager:
