@@ -3,8 +3,8 @@
 A 2-layer slice of the embedded model (the interpreter runs every Triton program in Python) serves one
 batch holding the base model, a LoRA, an S²FT adapter, routed experts and a RecLoRA user, through the
 Triton LoRA, S²FT, routed-experts and paged-attention kernels; its greedy tokens equal the torch
-kernel set's. The prompts span more than one KV block and the second wave of requests arrives while
-the first decodes, so decode, prefill and mixed steps all run.
+kernel set's. The prompts span more than one KV block and a late request arrives while the first
+ones decode, so prefill, mixed and decode steps all run.
 """
 from __future__ import annotations
 
@@ -69,17 +69,16 @@ def _serve(base, lora, kernels: str) -> list[list[int]]:
     assert engine.model.layers[0].attn.kernels.name == kernels.replace("torch", "torch-cpu")
 
     ids = engine.tokenizer("The capital of France is Paris, and the capital of Italy is", add_special_tokens=False)["input_ids"]
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     first = [Sequence(ids + [i], params, a) for i, a in enumerate([None, "lora", "s2", "moe", "rec-alice"])]
-    second = [Sequence(ids[:5], params, a) for a in ("moe", "lora")]
+    late = Sequence(ids[:5], params, "lora")
     for s in first:
         engine.add(s)
-    engine.step()  # the first wave's prefill; the second arrives while it decodes
-    for s in second:
-        engine.add(s)
+    engine.step()  # the first wave's prefill; the late one arrives while it decodes: a mixed step
+    engine.add(late)
     while engine.has_work():
         engine.step()
-    seqs = first + second
+    seqs = first + [late]
     assert all(s.finish_reason == "length" for s in seqs), [(s.finish_reason, s.error) for s in seqs]
     return [s.output_token_ids for s in seqs]
 
