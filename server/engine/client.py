@@ -107,8 +107,9 @@ class EngineClient:
     def describe(self) -> dict:
         """What the server runs on, for the admin's /health."""
         e = self._engine
-        return {"model": e.model_name, "dtype": e.config.dtype, "adapters_resident": len(e.adapters.resident),
-                "quantization": e.quantization, "kernels": e.kernels}  # fmt: skip
+        return {"model": e.model_name, "device": str(e.device), "dtype": e.dtype_name, "adapters_resident": len(e.adapters.resident),
+                "quantization": e.quantization, "kernels": e.kernels,
+                "decode_graphs": "off" if e.runner.graphs is None else f"{len(e.runner.graphs.graphs)} captured"}  # fmt: skip
 
     def observe(self, metrics) -> None:
         """Refresh the engine's gauges in `metrics` (server.metrics.Metrics)."""

@@ -84,6 +84,8 @@ class LLMEngine:
         adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)
         self.kernels = describe_kernels(self.device, self.quantization, config.quant_group_size, adapter_kernels.name)
+        self.kernels["attention"] = ("Triton paged decode + varlen prefill (kernels.triton.attention)" if adapter_kernels.name == "triton"
+                                     else "torch SDPA over the gathered KV blocks (kernels.attention)")
         log.info("loaded %s on %s (%s, %d layers, base %s, %.0f MiB of weights) in %.1f s; kernels: %s", self.model_name, self.device,
                  self.dtype_name, mcfg.num_layers, self.quantization, weight_bytes(self.model) / 2**20,
                  time.perf_counter() - t0, "; ".join(f"{k}: {v}" for k, v in self.kernels.items()))
