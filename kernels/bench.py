@@ -16,7 +16,6 @@ it as a module: `python kernels/bench.py` would make kernels/triton shadow the t
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from kernels.triton import bench_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PATTERNS = ["distinct", "uniform", "zipf", "identical"]
@@ -262,21 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         args.tokens, args.prefill, args.d, args.d_out, args.rank = [1, 8], ["2x24"], 96, 80, 8
         args.adapters, args.s2ft_entries, args.dtype = 8, 12, "fp32"
         args.big_rank, args.intermediate, args.experts, args.expert_adapters = 80, 48, 4, [1, 2]
-        device = torch.device("cpu")
-    elif not torch.cuda.is_available():
-        print("kernels.bench: CUDA is not available, nothing to benchmark "
-              "(python -m kernels.bench --interpret runs a tiny CPU smoke check instead).")
-        return 0
-    else:
-        device = torch.device("cuda")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("kernels.bench: triton is not installed (pip install -e '.[triton]').")
+    device = bench_device("kernels.bench", args.interpret)
+    if device is None:
         return 0
     dtype = DTYPES[args.dtype]
     rng = random.Random(0)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from typing import Callable
 
 import torch
+
+from kernels.triton import bench_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -96,19 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         args.heads, args.decode, args.prefill, args.dtype = [4, 2, 32], ["2x40"], ["2x20x0", "2x20x17"], "fp32"
-        device = torch.device("cpu")
-    elif not torch.cuda.is_available():
-        print("kernels.bench_attention: needs a CUDA GPU, nothing to benchmark "
-              "(python -m kernels.bench_attention --interpret runs a tiny CPU smoke check instead).")
-        return 0
-    else:
-        device = torch.device("cuda")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("kernels.bench_attention: triton is not installed (pip install -e '.[triton]').")
+    device = bench_device("kernels.bench_attention", args.interpret)
+    if device is None:
         return 0
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)

@@ -39,3 +39,24 @@ def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def bench_device(tool: str, interpret: bool):
+    """The device a GPU benchmark (`python -m <tool>`) runs on: the CPU under TRITON_INTERPRET=1 for
+    --interpret (a smoke run), else CUDA; None, after printing why, without a GPU or without triton."""
+    import os
+
+    import torch
+
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print(f"{tool}: CUDA is not available, nothing to benchmark (python -m {tool} --interpret runs a tiny CPU smoke check instead).")
+        return None
+    else:
+        device = torch.device("cuda")
+    if not available():
+        print(f"{tool}: triton is not installed (pip install -e '.[triton]').")
+        return None
+    return device
