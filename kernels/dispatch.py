@@ -35,10 +35,13 @@ class KernelSet:
     routed_experts: Callable[..., object] = routed_experts
     paged_decode_attention: Callable[..., object] = paged_decode_attention
     paged_prefill_attention: Callable[..., object] = paged_prefill_attention
+    # stage_plan(plan, staging): put what the set's ops need of a segment plan into the step's one
+    # host->device copy (kernels.staging); the torch ops need nothing beyond the plan itself
+    stage_plan: Callable[..., None] = lambda plan, staging: None  # noqa: E731
 
     def describe(self) -> dict[str, str]:
         """Which function runs each op (for /health)."""
-        return {op: f"{fn.__module__}.{fn.__name__}" for op, fn in vars(self).items() if op != "name"}
+        return {op: f"{fn.__module__}.{fn.__name__}" for op, fn in vars(self).items() if op not in ("name", "stage_plan")}
 
 
 TORCH_KERNELS = KernelSet("torch-cpu", sgmv_lora, s2ft_col, s2ft_row)
@@ -50,11 +53,11 @@ def triton_kernels() -> KernelSet:
     under TRITON_INTERPRET=1 (the end-to-end test of the engine with these kernels)."""
     from kernels.triton.attention import paged_decode_attention_triton, paged_prefill_attention_triton
     from kernels.triton.experts import routed_experts_triton
-    from kernels.triton.lora import sgmv_lora_triton
+    from kernels.triton.lora import sgmv_lora_triton, stage_plan_meta
     from kernels.triton.s2ft import s2ft_col_triton, s2ft_row_triton
 
     return KernelSet("triton", sgmv_lora_triton, s2ft_col_triton, s2ft_row_triton, routed_experts_triton,
-                     paged_decode_attention_triton, paged_prefill_attention_triton)
+                     paged_decode_attention_triton, paged_prefill_attention_triton, stage_plan_meta)
 
 
 def select_kernels(device: torch.device | str, prefer: str = "auto") -> KernelSet:

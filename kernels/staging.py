@@ -32,7 +32,7 @@ class HostStaging:
         if self.uploaded:
             raise RuntimeError("this step's index tensors were already uploaded")
         start = len(self._flat)
-        self._flat.extend(values)
+        self._flat.extend(values.tolist() if isinstance(values, array) and values.typecode != "q" else values)
         self._parts.append((start, len(self._flat), dtype, on_device))
 
     def upload(self) -> None:

@@ -457,3 +457,27 @@ def test_bgmv_plans_from_device_rows_match_the_reference(tokens: int, dtype: tor
         got = want.clone()
         op(got, x, a, b, plan)
         torch.testing.assert_close(got, ref, **tolerances(dtype, ref.float() - want.float()))
+
+
+def test_plan_metadata_travels_in_the_steps_one_copy() -> None:
+    """The runner stages each plan's Triton metadata with the step's index tensors (kernels.staging):
+    after the upload the kernels find it on the plan and make no copy of their own."""
+    from kernels.staging import HostStaging
+
+    staging = HostStaging("cpu")
+    plan = make_lora_plan([0, 3, 4, 9, 10, 16], [0, -1, 8, 24, 40], [8, 0, 16, 4, 8], "cpu", staging)
+    triton_lora.stage_plan_meta(plan, staging)
+    assert plan.triton_meta is None
+    staging.upload()
+    meta = plan.triton_meta
+    assert meta is not None and triton_lora.plan_meta(plan, torch.device("cpu")) is meta
+    fresh = make_lora_plan([0, 3, 4, 9, 10, 16], [0, -1, 8, 24, 40], [8, 0, 16, 4, 8])
+    expect = triton_lora.plan_meta(fresh, torch.device("cpu"))
+    for name in ("seg_start", "seg_len", "seg_row", "seg_rank", "tok_row", "tok_rank"):
+        assert torch.equal(getattr(meta, name), getattr(expect, name)), name
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(16, 24, generator=g), torch.randn(48, 24, generator=g), torch.randn(48, 20, generator=g)
+    y, ref = torch.zeros(16, 20), torch.zeros(16, 20)
+    triton_lora.sgmv_lora_triton(y, x, a, b, plan)
+    sgmv_lora_reference(ref, x, a, b, plan)
+    torch.testing.assert_close(y, ref, **tolerances(torch.float32, ref))

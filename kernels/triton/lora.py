@@ -29,7 +29,7 @@ from kernels.lora import _check
 from kernels.lora_plan import LoraPlan
 from kernels.triton.autotune import AUTOTUNE_OPTIONS, INTERPRET, configs, rank_bucket, register_prune, token_bucket
 
-__all__ = ["sgmv_lora_triton", "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "plan_meta",
+__all__ = ["sgmv_lora_triton", "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "plan_meta", "stage_plan_meta",
            "PlanMeta", "BGMV_MAX_SEG_LEN", "INTERPRET"]
 
 INTERPRET_DOT = tl.constexpr(INTERPRET)  # read as a compile-time constant inside kernels
@@ -86,32 +86,48 @@ class PlanMeta:
     tok_rank: Tensor
 
 
-def plan_meta(plan: LoraPlan, device: torch.device) -> PlanMeta:
-    """The plan's PlanMeta on `device`, built on first use (one host->device copy) and cached on the plan."""
-    meta = plan.triton_meta
-    if isinstance(meta, PlanMeta) and meta.device == device:
-        return meta
+def _meta_arrays(plan: LoraPlan) -> array:
+    """seg_start, seg_len, seg_row, seg_rank [S] then tok_row, tok_rank [T], flat."""
     segs = plan.lora_segs
     T = plan.num_tokens
     tok_row, tok_rank = array("i", [-1]) * T, array("i", [0]) * T
     for s, e, o, r in segs:
         tok_row[s:e] = array("i", [o]) * (e - s)
         tok_rank[s:e] = array("i", [r]) * (e - s)
-    flat = array("i", [s for s, _, _, _ in segs])  # seg_start, seg_len, seg_row, seg_rank, tok_row, tok_rank
+    flat = array("i", [s for s, _, _, _ in segs])
     flat.extend(e - s for s, e, _, _ in segs)
     flat.extend(o for _, _, o, _ in segs)
     flat.extend(r for _, _, _, r in segs)
     flat.extend(tok_row)
     flat.extend(tok_rank)
-    packed = (torch.frombuffer(flat, dtype=torch.int32) if len(flat) else torch.empty(0, dtype=torch.int32))
-    packed = packed.to(device, copy=True)
-    S = len(segs)
-    meta = PlanMeta(device=device, num_segs=S, max_seg_len=max((e - s for s, e, _, _ in segs), default=0),
+    return flat
+
+
+def _set_meta(plan: LoraPlan, packed: Tensor) -> PlanMeta:
+    segs, T, S = plan.lora_segs, plan.num_tokens, len(plan.lora_segs)
+    meta = PlanMeta(device=packed.device, num_segs=S, max_seg_len=max((e - s for s, e, _, _ in segs), default=0),
                     max_rank=max((r for *_, r in segs), default=0),
                     seg_start=packed[0:S], seg_len=packed[S:2 * S], seg_row=packed[2 * S:3 * S],
                     seg_rank=packed[3 * S:4 * S], tok_row=packed[4 * S:4 * S + T], tok_rank=packed[4 * S + T:])
     plan.triton_meta = meta
     return meta
+
+
+def plan_meta(plan: LoraPlan, device: torch.device) -> PlanMeta:
+    """The plan's PlanMeta on `device`: staged with the step's index tensors (stage_plan_meta), or built
+    on first use (one host->device copy), cached on the plan."""
+    meta = plan.triton_meta
+    if isinstance(meta, PlanMeta) and meta.device == device:
+        return meta
+    flat = _meta_arrays(plan)
+    packed = (torch.frombuffer(flat, dtype=torch.int32) if len(flat) else torch.empty(0, dtype=torch.int32))
+    return _set_meta(plan, packed.to(device, copy=True))
+
+
+def stage_plan_meta(plan: LoraPlan, staging) -> None:
+    """Put the plan's PlanMeta in the step's one host->device copy (kernels.staging.HostStaging)."""
+    if plan.path not in ("none", "bgmv"):
+        staging.add(_meta_arrays(plan), lambda packed: _set_meta(plan, packed), dtype=torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ class ModelRunner:
                 continue
             ranks = tuple(k[2] if r >= 0 else 0 for k, r in zip(seg_keys, rows))
             if (rows, ranks) not in built:
-                built[(rows, ranks)] = make_lora_plan(seg_indptr, rows, ranks, self.device, staging)
+                built[(rows, ranks)] = plan = make_lora_plan(seg_indptr, rows, ranks, self.device, staging)
+                self.model.kernels.stage_plan(plan, staging)
             plans[module] = built[(rows, ranks)]
         return plans
 

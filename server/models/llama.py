@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import TORCH_KERNELS
 from kernels.quant import Int8Weight, int8_linear
 from server.layers.attention import PagedAttention
 from server.layers.context import ForwardContext
@@ -92,6 +93,7 @@ class LlamaForCausalLM(torch.nn.Module):
         # Set by server.models.quantize: int8 per-row tables (tied models share one).
         self.embed_quant: Int8Weight | None = None
         self.lm_head_quant: Int8Weight | None = None
+        self.kernels = TORCH_KERNELS  # set by use_kernels
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         """A logical module's base weight (d_out, d_in) in float32, dequantized if the base is quantized."""
@@ -102,6 +104,7 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def use_kernels(self, kernels) -> None:
         """Route every adapter delta and the attention through `kernels` (a kernels.dispatch.KernelSet)."""
+        self.kernels = kernels
         for layer in self.layers:
             layer.attn.kernels = kernels
             for lin in layer.linears():
