@@ -6,6 +6,7 @@
 #   make bench ARGS="..."   hotswap vs vLLM CPU vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
 #   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
 #   make bench-quant        none/int8/int4 base: tokens/s, memory, perplexity (loadtests/bench_quant.py)
+#   make gpu-check ARGS="..."  on a CUDA machine: GPU tests, kernel benchmarks, hotswap vs vLLM -> gpu-report.md (loadtests/gpu_check.py)
 # Older micro-benchmarks, run directly:
 #   $(PY) -m loadtests.bench_adapters   engine level: many adapters vs base only
 #   $(PY) -m loadtests.bench_families   engine level: adapter families side by side
@@ -82,6 +83,16 @@ soak: bench-install model
 
 bench-quant: bench-install model
 	$(PY) -m loadtests.bench_quant --plot docs/img/quantization.png $(ARGS)
+
+# No `install` prerequisite, on purpose: that recipe installs $(TORCH_WHEEL), a CPU torch, wherever that
+# file exists, over the CUDA torch of a GPU venv. So: the venv's Python when there is one (made with a
+# CUDA torch: README "On a GPU"), else $(PYTHON) (the CUDA image installs into the system Python).
+# Without CUDA it exits 2 after one line.
+.PHONY: gpu-check
+gpu-check:
+	@if [ -x "$(PY)" ]; then py="$(PY)"; else py="$(PYTHON)"; fi; \
+	echo "$$py -m loadtests.gpu_check $(ARGS)"; \
+	"$$py" -m loadtests.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
