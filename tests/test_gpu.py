@@ -113,6 +113,30 @@ def test_bfloat16_engine_answers_the_capital_of_france_with_each_base(model_dir,
         free_gpu()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_perplexity_bound_of_the_gpu_bases(model_dir, dtype):
+    """The CPU suite's bound (tests/test_quantization.py) on the GPU kernels: int8 (Triton GEMM) and
+    int4 (tinygemm) within +3 % of the dense model, on the same 512 tokens."""
+    from transformers import AutoTokenizer
+
+    from server.models.loader import load_model
+    from server.models.perplexity import perplexity
+    from server.models.quantize import quantize_model
+    from tests.test_quantization import _text_ids
+
+    ids = _text_ids(AutoTokenizer.from_pretrained(str(model_dir)), 512)
+    ppl = {}
+    for mode in ("none", "int8", "int4"):
+        model = load_model(model_dir, dtype, 512, progress=False)
+        quantize_model(model, mode, 32, progress=False, device=torch.device("cuda"))
+        ppl[mode] = perplexity(model.to("cuda"), ids)
+        del model
+        free_gpu()
+    assert 20 < ppl["none"] < 200, ppl
+    for mode in ("int8", "int4"):
+        assert ppl[mode] <= ppl["none"] * 1.03, ppl
+
+
 # -- every family in one batch -------------------------------------------------------------------
 
 def count_graph_replays(engine: LLMEngine) -> list[int]:
