@@ -19,20 +19,10 @@ from typing import Callable
 
 import torch
 
+from kernels.bench import time_us
 from kernels.triton import bench_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def time_us(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    fn()  # interpreter smoke run: one warm call, then one timed call
-    t = time.perf_counter()
-    fn()
-    return 1e6 * (time.perf_counter() - t)
 
 
 def make_cache(lengths: list[int], bs: int, Hkv: int, hd: int, dtype: torch.dtype, device: torch.device):
