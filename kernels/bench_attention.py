@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from typing import Callable
 
 import torch
 
