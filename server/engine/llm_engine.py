@@ -210,7 +210,6 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.seq_id, None)
-        self.runner.release(seq)
 
     def step(self) -> list[SeqUpdate]:
         t0 = time.perf_counter()

@@ -92,9 +92,6 @@ class ModelRunner:
         owner may have left anything in it. (Done by the next step, with its index tensors.)"""
         self._fresh_blocks.extend(blocks)
 
-    def release(self, seq: Sequence) -> None:
-        """A sequence is done with the runner (seeded sampling keeps no per-sequence generator)."""
-
     def release_state(self, seq: Sequence) -> None:
         """Drop the family state of a sequence leaving the running batch (finished, failed, aborted or
         preempted: a preempted sequence is recomputed from its first token, with fresh state). The
