@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from kernels.dispatch import select_kernels
-from server.config import EngineConfig
 from kernels.quant import Int8Weight
+from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
 from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
