@@ -1,4 +1,4 @@
-"""Quantized base: tokens/s, memory and perplexity for none / int8 / int4, side by side in one run.
+"""Quantized base: tokens/s, memory and perplexity for none / int8 / int4 / w8a8, side by side in one run.
 
 One engine per mode, all built up front with the same 100 rank-r LoRA adapters; every round runs
 each (mode, batch, load) cell once, modes back to back, so the machine's drift shows up in all
@@ -23,7 +23,7 @@ from server.engine.llm_engine import LLMEngine
 from server.models.perplexity import perplexity
 from server.models.quantize import weight_bytes
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "w8a8")
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinyshakespeare-40k.txt"
 
 
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                 results.setdefault((m, b, load), []).append(tps)
         print(f"round {r + 1}/{args.rounds} done")
 
-    print(f"\n{'batch':>5} {'load':>9} " + " ".join(f"{m + ' tok/s':>12}" for m in MODES) + "   int8/none int4/none")
+    print(f"\n{'batch':>5} {'load':>9} " + " ".join(f"{m + ' tok/s':>12}" for m in MODES) + "   " + " ".join(f"{m + '/none':>9}" for m in MODES[1:]))
     med = {k: statistics.median(v) for k, v in results.items()}
     for b, load in cells:
         row = [med[(m, b, load)] for m in MODES]
-        print(f"{b:5d} {load:>9} " + " ".join(f"{v:12.1f}" for v in row) + f"   {row[1] / row[0]:9.3f} {row[2] / row[0]:9.3f}")
+        print(f"{b:5d} {load:>9} " + " ".join(f"{v:12.1f}" for v in row) + "   " + " ".join(f"{v / row[0]:9.3f}" for v in row[1:]))
     for m in MODES:
         ratio = [med[(m, b, "adapters")] / med[(m, b, "base")] for b in batches]
         print(f"{m:5s}: {args.adapters} adapters / base-only " + ", ".join(f"batch {b}: {x:.3f}" for b, x in zip(batches, ratio)))

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the engine runs (auto: the GPU when torch sees one, else the CPU; default $HOTSWAP_DEVICE or auto)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="compute dtype of activations and adapters (auto: float32 on CPU, bfloat16 on CUDA, float16 on GPUs without bf16)")
-    serve.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
-                       help="base weights: int8 per output channel or int4 group-wise, weight-only (auto: the fastest measured for this device)")
+    serve.add_argument("--quantization", choices=["auto", "none", "int8", "int4", "w8a8"], default="auto",
+                       help="base weights: int8 per output channel or int4 group-wise, weight-only; w8a8 (CPU): SmoothQuant int8 "
+                            "weights x per-token int8 activations (auto: the fastest measured for this device)")
     serve.add_argument("--quant-group-size", type=int, default=32, help="int4: input columns per scale/zero group")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per engine step (long prompts are prefilled in chunks)")

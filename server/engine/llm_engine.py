@@ -25,6 +25,7 @@ from server.errors import AdapterTooLarge
 from server.lora.manager import AdapterManager
 from server.families.registry import FAMILIES, parse_adapter
 from server.lora.peft import read_adapter_files
+from server.models.calibration import calibration_ids
 from server.models.config import ModelConfig
 from server.models.loader import load_model
 from server.models.modules import ADAPTER_MODULES, module_dims
@@ -79,7 +80,8 @@ class LLMEngine:
         # Loaded on the host, quantized there into the device's kernel layout, then moved.
         self.model = load_model(self.model_dir, dtype, positions)
         self.quantization = resolve_quantization(config.quantization, self.device)
-        quantize_model(self.model, self.quantization, config.quant_group_size, device=self.device)
+        quantize_model(self.model, self.quantization, config.quant_group_size, device=self.device,
+                       calibration_ids=calibration_ids(self.tokenizer) if self.quantization == "w8a8" else None)
         self.model.to(self.device)
         adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from kernels.dispatch import TORCH_KERNELS, KernelSet
 from kernels.quant import Int4Weight, Int8Weight, int4_linear, int8_linear
+from kernels.w8a8 import W8A8Weight, w8a8_linear
 from server.layers.context import ForwardContext
 
 
@@ -39,7 +40,7 @@ class AdaptedLinear(torch.nn.Module):
         total = sum(out_sizes.values())
         self.weight = torch.nn.Parameter(torch.empty(total, in_features, dtype=dtype), requires_grad=False)
         self.bias = torch.nn.Parameter(torch.zeros(total, dtype=dtype), requires_grad=False) if bias else None
-        self.quant: Int8Weight | Int4Weight | None = None
+        self.quant: Int8Weight | Int4Weight | W8A8Weight | None = None
         self.kernels: KernelSet = TORCH_KERNELS  # the engine sets the device's (kernels.dispatch)
         self.slots: dict[str, AdapterSlot] = {}
         start = 0
@@ -52,7 +53,7 @@ class AdaptedLinear(torch.nn.Module):
         """Called by the adapter manager after it (re)allocates pools."""
         self.active = [s for s in self.slots.values() if s.pools]
 
-    def quantize(self, weight: Int8Weight | Int4Weight) -> None:
+    def quantize(self, weight: Int8Weight | Int4Weight | W8A8Weight) -> None:
         """Serve the base GEMM from `weight` (built from self.weight) and free the dense weight."""
         self.quant = weight
         self.weight = None
@@ -63,6 +64,8 @@ class AdaptedLinear(torch.nn.Module):
             return F.linear(x, self.weight, self.bias)
         if isinstance(self.quant, Int8Weight):
             return int8_linear(x, self.quant, self.bias)
+        if isinstance(self.quant, W8A8Weight):
+            return w8a8_linear(x, self.quant, self.bias)
         return int4_linear(x, self.quant, self.bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

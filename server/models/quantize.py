@@ -5,6 +5,9 @@
   int4  every decoder linear int4 in groups of `group_size` inputs; embeddings + lm_head int8 per row
         (as llama.cpp's Q4 files keep the token table at 8 bits: it is both the input lookup and the
         output projection, and 4 bits there cost the most perplexity for the fewest bytes)
+  w8a8  (CPU) every decoder linear int8 after SmoothQuant smoothing, run as int8 x int8 GEMMs on
+        per-token quantized activations (kernels.w8a8); embeddings + lm_head int8 per row. Needs one
+        calibration pass over a short text (server/models/data/calibration.txt) before quantizing.
 
 The quantized tensors are placed on the serving device in that device's kernel layout
 (kernels.quant: int8 is one layout everywhere, int4 is torch's CPU layout on cpu and tinygemm's on
@@ -18,11 +21,12 @@ import torch
 from tqdm import tqdm
 
 from kernels.quant import KERNELS, PACKED_MAX_ROWS, kernel_for, quantize_int4, quantize_int8
+from kernels.w8a8 import ROWS_INT_MM, quantize_w8a8
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "w8a8")
 
 
 def weight_bytes(model: LlamaForCausalLM) -> int:
@@ -37,7 +41,7 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
 
 @torch.inference_mode()
 def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, progress: bool = True,
-                   device: torch.device | str | None = None) -> None:
+                   device: torch.device | str | None = None, calibration_ids: list[int] | None = None) -> None:
     """Serve the base from `mode`'s quantized weights on `device` (default: where the weights are).
 
     Codes and scales are computed where the loaded weights are (the host, for a model loaded on the
@@ -46,6 +50,9 @@ def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, pro
     holds its dense copy there. Everything else (norms, biases, rotary tables) stays where it is:
     `model.to(device)` moves it, and does not move the quantized tensors (plain attributes, not
     parameters), so it can run before or after this.
+
+    w8a8 runs the dense model over `calibration_ids` first (a few hundred tokens of ordinary text) to
+    learn each linear's per-channel input range (the smoothing factors).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
@@ -55,9 +62,18 @@ def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, pro
     device = table_weight.device if device is None else torch.device(device)
     before = weight_bytes(model)
     linears = [lin for layer in model.layers for lin in layer.linears()]
+    if mode == "w8a8":
+        if device.type != "cpu":
+            raise ValueError(f"quantization w8a8 runs on the CPU (torch._int_mm with per-token activations); on {device.type} use int8 or int4")
+        if not calibration_ids:
+            raise ValueError("quantization w8a8 needs calibration token ids (server.models.calibration)")
+        ranges = input_ranges(model, calibration_ids)
     for lin in tqdm(linears, desc=f"Quantizing to {mode} on {device}", unit="linear", disable=not progress, leave=False):
         w = lin.weight.detach()
-        lin.quantize(quantize_int8(w, device) if mode == "int8" else quantize_int4(w, group_size, device))
+        if mode == "w8a8":
+            lin.quantize(quantize_w8a8(w, ranges[lin]))
+        else:
+            lin.quantize(quantize_int8(w, device) if mode == "int8" else quantize_int4(w, group_size, device))
     table = quantize_int8(table_weight.detach(), device)
     model.embed_quant = table
     if model.config.tie_word_embeddings:
@@ -68,6 +84,25 @@ def quantize_model(model: LlamaForCausalLM, mode: str, group_size: int = 32, pro
     model.embed_tokens.weight = None
     log.info("quantized the base to %s%s on %s: weights %.0f MiB -> %.0f MiB", mode,
              f" (group {group_size})" if mode == "int4" else "", device, before / 2**20, weight_bytes(model) / 2**20)
+
+
+def input_ranges(model: LlamaForCausalLM, ids: list[int]) -> dict:
+    """Each decoder linear -> max |x_j| per input channel over one forward pass of the dense model on `ids`."""
+    from server.models.perplexity import perplexity  # runs the model over a text (imports the model's layers)
+
+    ranges: dict = {}
+
+    def record(lin, args) -> None:
+        seen = args[0].detach().abs().amax(dim=0).float()
+        ranges[lin] = seen if lin not in ranges else torch.maximum(ranges[lin], seen)
+
+    hooks = [lin.register_forward_pre_hook(record) for layer in model.layers for lin in layer.linears()]
+    try:
+        perplexity(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranges
 
 
 def resolve_quantization(mode: str, device: torch.device | str) -> str:
@@ -114,6 +149,10 @@ def describe_kernels(device: torch.device | str, mode: str, group_size: int, ada
     device = torch.device(device)
     if mode == "none":
         base, lm_head = "dense GEMM (torch)", "dense"
+    elif mode == "w8a8":
+        base = (f"SmoothQuant int8 weights; torch._weight_int8pack_mm below {ROWS_INT_MM} rows, per-token int8 activations "
+                f"x torch._int_mm from {ROWS_INT_MM} rows (kernels.w8a8)")
+        lm_head = f"int8 per row: {_describe('int8', device)}"
     else:
         base = _describe(mode, device, f", group {group_size}" if mode == "int4" else "")
         lm_head = f"int8 per row: {_describe('int8', device)}"

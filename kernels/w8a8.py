@@ -1,0 +1,90 @@
+"""int8 weights × int8 activations on the CPU, with SmoothQuant smoothing (mode `w8a8`).
+
+Weight-only int8 (kernels.quant) reads half the bytes of float32 but computes in bf16/fp32: torch's
+GEMV-shaped kernel wins at 1-8 rows and loses from ~16 rows on (a decode batch of 32 sequences is
+slower than float32). An int8×int8 GEMM (`torch._int_mm`, int32 accumulation) wins from ~8 rows on,
+2-5x over float32 on this 2-core AVX2 box (`python -m kernels.bench_w8a8`), once the activations are
+quantized too. Per-token dynamic quantization of activations loses accuracy on the few input
+channels with outliers; SmoothQuant (Xiao et al., 2023) moves part of their range into the weights:
+
+    y = x Wᵀ = (x ⊙ s⁻¹) (W · diag(s))ᵀ,   s_j = max|x_j|^α / max|W_:,j|^(1-α)
+
+with max|x_j| per input channel from a calibration pass (server.models.quantize), α = 0.5. The
+smoothed weight is quantized per output channel (q, scale); at run time each token's smoothed
+activation row is quantized with its own scale (per token, never per batch: a request's numbers never
+depend on what else is in the batch).
+
+Semantics (reference): x' = x ⊙ inv_s;  t_i = max|x'_i| / 127;  y_i = round(x'_i / t_i) · t_i @ (q · scale)ᵀ + b
+The fast op computes exactly that from ROWS_INT_MM rows on; below, the weight-only kernel on x'
+(activations in bf16 rather than rounded to 8 bits: the same weights, a little more precise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["W8A8Weight", "quantize_w8a8", "w8a8_linear", "w8a8_linear_reference", "ROWS_INT_MM", "SMOOTH_ALPHA"]
+
+# `torch._int_mm` plus the per-token quantization costs ~45 us fixed; the weight-only kernel wins below
+# this many rows, _int_mm from here on (python -m kernels.bench_w8a8).
+ROWS_INT_MM = 8
+SMOOTH_ALPHA = 0.5  # perplexity of the embedded model: 55.06 at 0.5 vs 54.77 dense (0.6: 54.62, 0.4: 55.99)
+
+
+@dataclass(eq=False)
+class W8A8Weight:
+    q: Tensor  # [N, K] int8: the smoothed weight W · diag(s), per output channel
+    scale: Tensor  # [N] float32
+    inv_s: Tensor  # [K] float32: 1 / s, applied to the activations
+    _scale_lowp: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes + self.inv_s.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W ≈ (q · scale) ⊙ inv_s per column: the unsmoothed weight (what DoRA's norms read)."""
+        return (self.q.to(torch.float32) * self.scale[:, None] * self.inv_s[None, :]).to(dtype)
+
+
+def quantize_w8a8(w: Tensor, act_amax: Tensor, alpha: float = SMOOTH_ALPHA) -> W8A8Weight:
+    """w [N, K]; act_amax [K]: max |x_j| of the layer's inputs over a calibration pass."""
+    w = w.to(torch.float32)
+    s = (act_amax.to(torch.float32).clamp(min=1e-5).pow(alpha) / w.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+    smoothed = w * s
+    scale = (smoothed.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(smoothed / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return W8A8Weight(q.contiguous(), scale.contiguous(), (1 / s).contiguous())
+
+
+def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token symmetric int8: (codes [M, K] int8, scales [M, 1] float32)."""
+    t = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(x / t).clamp(-127, 127).to(torch.int8), t
+
+
+def w8a8_linear_reference(x: Tensor, w: W8A8Weight, bias: Tensor | None = None) -> Tensor:
+    """Readable float32 form of the module docstring's semantics, returned in x's dtype."""
+    xs = x.to(torch.float32) * w.inv_s
+    codes, t = _quantize_rows(xs)
+    y = (codes.to(torch.float32) * t) @ (w.q.to(torch.float32) * w.scale[:, None]).T
+    return (y if bias is None else y + bias.to(torch.float32)).to(x.dtype)
+
+
+def w8a8_linear(x: Tensor, w: W8A8Weight, bias: Tensor | None = None) -> Tensor:
+    """y = x Wᵀ + b from the smoothed int8 weight (semantics: w8a8_linear_reference). x: [M, K]."""
+    xs = x.to(torch.float32) * w.inv_s
+    if x.shape[0] < ROWS_INT_MM:
+        if w._scale_lowp is None:
+            w._scale_lowp = w.scale.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(xs.to(torch.bfloat16), w.q, w._scale_lowp).to(x.dtype)
+    else:
+        codes, t = _quantize_rows(xs)
+        y = (torch._int_mm(codes, w.q.T).to(torch.float32).mul_(t).mul_(w.scale)).to(x.dtype)
+    return y if bias is None else y.add_(bias)
