@@ -459,7 +459,8 @@ def test_sigterm_lets_open_requests_finish(model_dir, tmp_path):
     cmd = hotswap_cmd(port, model_dir, ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--kv-cache-tokens", "2048"])
     with ServerProcess("hotswap", cmd, url, tmp_path / "server.log", ready_path="/health", start_timeout=180) as proc:
         lines: list[str] = []
-        body = {"model": "SmolLM2-135M-Instruct", "prompt": "Count to fifty:", "max_tokens": 40, "stream": True, "ignore_eos": True}
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": "Count to fifty:", "max_tokens": 40, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
 
         def stream() -> None:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
@@ -474,5 +475,8 @@ def test_sigterm_lets_open_requests_finish(model_dir, tmp_path):
         # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's
         assert proc.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert lines[-1] == "data: [DONE]"
-    finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-1]]
-    assert finish[-1] == "length" and len(finish) >= 40
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    # every one of the 40 tokens was generated after SIGTERM arrived (not every token makes a text chunk:
+    # one can end inside a character, so the usage chunk counts them)
+    assert chunks[-1]["usage"]["completion_tokens"] == 40
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
