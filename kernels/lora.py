@@ -92,10 +92,13 @@ def bgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
     """The bgmv path: every token's rank rows gathered ([T, R, d] copies: the CUDA-graph decode path of a
     GPU without triton, where T is a decode batch), masked past its rank, two batched GEMVs."""
     a, b = lora_a[plan.bgmv_rows], lora_b[plan.bgmv_rows]  # [T, R, d_in], [T, R, d_out]
+    # A masked slot reads pool row 0, another adapter's: select zeros there (where, not a multiply by the
+    # mask, since inf x 0 is NaN), so no adapter's numbers reach another tenant's tokens.
+    b = torch.where(plan.bgmv_mask.unsqueeze(2), b, 0)
     xs = x.unsqueeze(2)
     if upcast:
         a, b, xs = a.float(), b.float(), xs.float()
-    h = torch.bmm(a, xs).squeeze(2) * plan.bgmv_mask.to(a.dtype)  # [T, R]
+    h = torch.where(plan.bgmv_mask, torch.bmm(a, xs).squeeze(2), 0)  # [T, R]
     y.add_(torch.bmm(h.unsqueeze(1).to(b.dtype), b).squeeze(1).to(y.dtype))
 
 

@@ -11,8 +11,11 @@ channels with outliers; SmoothQuant (Xiao et al., 2023) moves part of their rang
 
 with max|x_j| per input channel from a calibration pass (server.models.quantize), α = 0.5. The
 smoothed weight is quantized per output channel (q, scale); at run time each token's smoothed
-activation row is quantized with its own scale (per token, never per batch: a request's numbers never
-depend on what else is in the batch).
+activation row is quantized with its own scale (per token, never per batch: another request's
+outlier never changes my scale). Which kernel runs does depend on the step's row count (below or from
+ROWS_INT_MM): the two differ by how the activations are rounded, to 8 bits or to bf16, so a greedy
+request's tokens can differ between a small and a large batch, as with int8's switch at
+PACKED_MAX_ROWS (kernels.quant).
 
 Semantics (reference): x' = x ⊙ inv_s;  t_i = max|x'_i| / 127;  y_i = round(x'_i / t_i) · t_i @ (q · scale)ᵀ + b
 The fast op computes exactly that from ROWS_INT_MM rows on; below, the weight-only kernel on x'

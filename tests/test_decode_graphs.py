@@ -65,3 +65,17 @@ def test_reallocated_pools_turn_the_graphs_off(engines, caplog):
     jobs = [(PROMPTS[2], "r4-qv")]
     assert greedy_outputs(graphed, jobs, 6) == greedy_outputs(eager, jobs, 6)
     assert replayed == [] and graphs.graphs == {} and "reallocated" in caplog.text
+
+
+def test_a_decode_row_that_does_not_sample_keeps_the_step_eager(engines):
+    """A prompt given a single token that is not its last is laid out as a decode row but samples
+    nothing: the graph path's rows-in-order sampling would pair tokens with the wrong requests."""
+    from server.engine.model_runner import BASE_KEY, StepLayout
+
+    _, graphed, _ = engines
+    layout = StepLayout(input_ids=[1, 2], positions=[5, 9], slots=[5, 9], seg_indptr=[0, 2], seg_keys=[BASE_KEY],
+                        decode_tables=[[0], [0]], decode_lens=[6, 10], sample_rows=[(1, 1)], sample_positions=[10])
+    graphs = graphed.runner.graphs
+    assert not graphs.fits(layout, [])
+    layout.sample_rows, layout.sample_positions = [(0, 0), (1, 1)], [6, 10]
+    assert graphs.fits(layout, []) or graphs.graphs == {}  # (turned off by the pool test if it ran first)

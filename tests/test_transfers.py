@@ -108,3 +108,15 @@ def test_growing_the_pools_waits_for_copies_in_flight(held):
     assert manager.ensure_resident(weights["r16-attn"]) is None
     assert space.units.capacity > capacity
     assert transfers.log.index("wait 1") < transfers.log.index("record 2")  # the first copy landed before the pools were replaced
+
+
+def test_a_load_that_landed_after_its_requests_left_can_be_evicted(held):
+    """Its requests were aborted while the copy was in flight: nobody asks for it again, yet its rows
+    must go back to the pool (else it holds the budget for good)."""
+    engine, transfers, weights = held
+    manager = engine.adapters
+    assert manager.ensure_resident(weights["r8-all"]) is None
+    transfers.released.add(1)  # the copy lands; no request is left to notice
+    manager.budget_bytes = manager.resident_bytes + weights["r16-attn"].units * manager.spaces["lora"].unit_bytes - 1
+    assert manager.ensure_resident(weights["r16-attn"]) is None  # placed (its own copy now in flight) ...
+    assert manager.get("r8-all") is None and manager.get("r16-attn") is not None  # ... by evicting the idle one

@@ -481,3 +481,17 @@ def test_plan_metadata_travels_in_the_steps_one_copy() -> None:
     triton_lora.sgmv_lora_triton(y, x, a, b, plan)
     sgmv_lora_reference(ref, x, a, b, plan)
     torch.testing.assert_close(y, ref, **tolerances(torch.float32, ref))
+
+
+def test_bgmv_plans_keep_one_adapters_overflow_out_of_other_rows() -> None:
+    """Masked (base) slots of the bgmv path read pool row 0: an adapter there whose numbers overflow
+    must not turn another tenant's rows into NaN (torch op; the Triton kernels mask their loads)."""
+    from kernels import make_bgmv_plan
+
+    a, b = torch.randn(32, 16), torch.randn(32, 12)
+    a[:4] = 3e38  # the adapter at rows 0..3: finite, but its products overflow
+    b[:4] = float("inf")
+    x, y = torch.randn(3, 16), torch.zeros(3, 12)
+    plan = make_bgmv_plan(torch.tensor([-1, 8, 0]), torch.tensor([0, 8, 4]), 8)
+    sgmv_lora(y, x, a, b, plan)
+    assert torch.isfinite(y[:2]).all() and not torch.isfinite(y[2]).all()  # only the overflowing adapter's own row

@@ -130,6 +130,8 @@ class DecodeGraphs:
             return False
         if layout.prefills or layout.hooked or not layout.decode_tables or len(layout.decode_tables) > self.max_seqs:
             return False
+        if len(layout.sample_rows) != len(layout.decode_tables):  # a prompt's one-token chunk that does not sample yet
+            return False
         if len(fresh) > self.max_seqs or max(len(t) for t in layout.decode_tables) > self.max_blocks:
             return False
         return all(k[0] < 0 or (k[0] == self.space_index and k[2] <= self.max_rank) for k in layout.seg_keys)

@@ -189,16 +189,17 @@ class AdapterManager:
         start = self._allocate(space, weights.units)
         if start is None:
             return None
+        hooked = FAMILIES[weights.family].step_hooks is not None  # its hook consults the weights every step
         try:
+            step_weights = weights.on_device(self.device) if hooked else None
             rows = self._host_rows(weights, space)
             self._copy_in(space, rows, start, weights.units)
-        except Exception:  # the adapter's weights do not fit its own description: give its units back
+        except Exception:  # the adapter's weights do not fit its own description (or the device is full): give its units back
             space.units.release(start, weights.units)
             raise
         ticket = self.transfers.record()
-        hooked = FAMILIES[weights.family].step_hooks is not None  # its hook consults the weights every step
         entry = ResidentAdapter(weights.name, weights.family, weights.space, start, weights.units, weights.plan_units, weights.num_bytes,
-                                weights.on_device(self.device) if hooked else None, weights.targets)  # fmt: skip
+                                step_weights, weights.targets)  # fmt: skip
         self.resident[weights.name] = entry
         space.resident_units += weights.units
         self.misses += 1
@@ -300,7 +301,8 @@ class AdapterManager:
     # -- internals -------------------------------------------------------------------------
     def _evict_one(self) -> bool:
         for name, entry in self.resident.items():  # least recently used first
-            if not entry.active and not entry.pinned and entry.loading is None:
+            # a load in flight is never evicted; one that landed while nobody asked (its requests gone) is idle
+            if not entry.active and not entry.pinned and self.ready(name):
                 log.debug("evicting adapter %s from the device pools", name)
                 self.remove(name)
                 self.evictions += 1
