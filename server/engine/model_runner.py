@@ -178,7 +178,7 @@ class ModelRunner:
             stage("fresh_blocks", fresh)
             plans = self._stage_step(layout, staging, stage)
             staging.upload()
-            self._zero(dev["fresh_blocks"])
+            self.zero_blocks_now(dev["fresh_blocks"])
         except BaseException:
             self._fresh_blocks[:0] = fresh  # not cleared: the next step (e.g. the one-at-a-time retry) clears them
             raise
@@ -236,9 +236,7 @@ class ModelRunner:
         HostStaging.copy_into(static, host)
 
     def zero_blocks_now(self, blocks: torch.Tensor) -> None:
-        self._zero(blocks)
-
-    def _zero(self, blocks: torch.Tensor) -> None:
+        """Clear these KV blocks (a device index tensor) before this step's forward writes or reads them."""
         if blocks.numel():
             for layer in self.model.layers:
                 layer.attn.k_cache.index_fill_(0, blocks, 0)
