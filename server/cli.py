@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
+                       help='speculative decoding by prompt lookup, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 4}\' (keys optional; default: off)')
     serve.add_argument("--admin-key", default=os.environ.get("HOTSWAP_ADMIN_KEY"),
                        help="bearer key required on every API call; prefer the env HOTSWAP_ADMIN_KEY (a flag shows in `ps`). Without one the server listens on loopback only")
     serve.add_argument("--store", default="./var/store", help="adapter registry: a local directory, s3://bucket/prefix, or memory://")
@@ -228,6 +231,15 @@ def _check_model_dir(path: Path) -> None:
         raise CliError(f"--model {path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])})")
 
 
+def _speculative_config(text: str):
+    from server.engine.speculative import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _serve(args) -> int:
     host_ip = args.host
     try:
@@ -257,6 +269,7 @@ def _serve(args) -> int:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        speculative=args.speculative_config,
     )
     engine = LLMEngine(config)
     service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.engine.speculative import SpeculativeConfig
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -26,3 +28,4 @@ class EngineConfig:
     max_lora_rank: int = 64
     adapter_memory_bytes: int | None = None  # device row-pool budget; None = unbounded
     threads: int | None = None
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (server.engine.speculative); None: off

@@ -20,6 +20,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
+from server.engine.speculative import SpeculativeConfig, Speculator
 from server.engine.transfer import transfers_for
 from server.errors import AdapterTooLarge
 from server.lora.manager import AdapterManager
@@ -109,7 +110,8 @@ class LLMEngine:
         num_blocks = kv_tokens // config.block_size
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter,
+            self.make_speculator(config.speculative),
         )
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device)
         if self.device.type == "cuda":
@@ -124,6 +126,18 @@ class LLMEngine:
         )
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self.last_step: StepStats | None = None
+
+    def make_speculator(self, config: SpeculativeConfig | None) -> Speculator | None:
+        """The scheduler's drafter for `config` (None: no speculative decoding). Drafts are verified several
+        tokens at a time, so not for families whose step hooks keep per-sequence state token by token
+        (a rejected draft would have moved it on)."""
+        if config is None:
+            return None
+        return Speculator(config, lambda seq: seq.adapter is None or self.adapters.get(seq.adapter).weights is None)
+
+    @property
+    def speculator(self) -> Speculator | None:
+        return self.scheduler.speculator
 
     def _warm_up_kernels(self, kernels) -> None:
         """Triton autotuning at start-up over every bucket the server can meet, never inside a step."""
@@ -222,26 +236,29 @@ class LLMEngine:
         result = self._run(scheduled)
         for i, why in result.failures.items():
             scheduled[i].seq.fail(RequestFailed(why))
-        self.scheduler.postprocess(scheduled, result.tokens, self.eos_token_ids)
+        before = [len(item.seq.output_token_ids) for item in scheduled]
+        kept = self.scheduler.postprocess(scheduled, result.tokens, self.eos_token_ids, self._stop_string)
         # Sequences refused at admission are taken only now: had the step raised, they would still be
         # in the scheduler for AsyncEngine._fail_all to answer.
         updates = [self._failed(seq) for seq in self.scheduler.take_failed()]
-        for i, (item, token) in enumerate(zip(scheduled, result.tokens)):
+        for i, item in enumerate(scheduled):
             seq = item.seq
             if i in result.failures:
                 updates.append(self._failed(seq))
                 continue
-            if token is None:
+            if not kept[i]:
                 continue
-            detok = self._detok[seq.seq_id]
-            if not (seq.is_finished and seq.finish_reason == "stop") and detok.add(token):
-                seq.finish("stop")
-            updates.append(SeqUpdate(seq, detok.take(seq.is_finished), [token], seq.is_finished))
+            new = seq.output_token_ids[before[i]:]
+            updates.append(SeqUpdate(seq, self._detok[seq.seq_id].take(seq.is_finished), new, seq.is_finished))
             if seq.is_finished:
                 self._forget(seq)
         self.scheduler.release_finished()
         self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled), result.num_adapters, time.perf_counter() - t0)
         return updates
+
+    def _stop_string(self, seq: Sequence, token: int) -> bool:
+        """Detokenize a kept token; True when a stop string ended the text (EOS and stop tokens are not text)."""
+        return self._detok[seq.seq_id].add(token)
 
     def _failed(self, seq: Sequence) -> SeqUpdate:
         self._forget(seq)
@@ -254,14 +271,14 @@ class LLMEngine:
             return self.runner.run(scheduled)
         except Exception:
             log.exception("a step of %d sequences failed; running them one at a time to find which", len(scheduled))
-        tokens: list[int | None] = []
+        tokens: list[list[int]] = []
         failures: dict[int, str] = {}
         for i, item in enumerate(scheduled):
             try:
                 alone = self.runner.run([item])
             except Exception:
                 log.exception("sequence %d (adapter %s) fails on its own", item.seq.seq_id, item.seq.adapter)
-                alone = StepResult([None], {0: ENGINE_FAILED}, 0)
+                alone = StepResult([[]], {0: ENGINE_FAILED}, 0)
             tokens.append(alone.tokens[0])
             if alone.failures:
                 failures[i] = alone.failures[0]

@@ -20,7 +20,7 @@ import torch
 from kernels import make_lora_plan
 from kernels.attention import PrefillChunks
 from kernels.staging import HostStaging
-from server.engine.sampler import NON_FINITE, sample
+from server.engine.sampler import NON_FINITE, sample, verify
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from server.families.base import HookedAdapter, SeqRows
@@ -37,7 +37,7 @@ BASE_KEY = (-1, -1, 0, frozenset())  # the adapter key of a base-model sequence
 
 @dataclass(slots=True)
 class StepResult:
-    tokens: list[int | None]  # per scheduled sequence: its sampled token; None while it is still prefilling or if it failed
+    tokens: list[list[int]]  # per scheduled sequence: its sampled tokens (accepted drafts, then the model's own); [] while it is still prefilling or if it failed
     failures: dict[int, str]  # scheduled index -> why that sequence failed (its own numbers, its sampling)
     num_adapters: int  # distinct adapters in the step
 
@@ -56,6 +56,8 @@ class StepLayout:
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (token start, end, context length, block table)
     sample_rows: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, token row) of sequences that sample
     sample_positions: list[int] = field(default_factory=list)  # ... and the position of the token each one samples
+    sample_drafts: list[int] = field(default_factory=list)  # ... and the draft token put there (-1: none), for speculative decoding
+    num_drafts: int = 0
     hooked: dict[str, list[int]] = field(default_factory=dict)  # adapter -> its token rows, for families with a step hook
     hooked_seqs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # ... and per sequence (seq id, first row, end row, first position)
     num_adapters: int = 0
@@ -137,7 +139,7 @@ class ModelRunner:
             item, seq = scheduled[i], scheduled[i].seq
             start, n = seq.num_computed_tokens, item.num_new_tokens
             t0 = len(out.input_ids)
-            out.input_ids += seq.token_ids(start, start + n)
+            out.input_ids += seq.token_ids(start, start + n - len(item.draft)) + item.draft
             out.positions += range(start, start + n)
             table = seq.block_table
             out.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -146,9 +148,16 @@ class ModelRunner:
                 out.decode_lens.append(start + 1)
             else:
                 out.prefills.append((t0, t0 + n, start, table))
-            if item.samples:
+            if item.draft:  # every row samples: its own token's next, then each draft's next
+                k = len(item.draft)
+                out.sample_rows += [(i, t0 + j) for j in range(k + 1)]
+                out.sample_positions += range(start + 1, start + k + 2)
+                out.sample_drafts += item.draft + [-1]
+                out.num_drafts += k
+            elif item.samples:
                 out.sample_rows.append((i, t0 + n - 1))
                 out.sample_positions.append(start + n)
+                out.sample_drafts.append(-1)
             if seq.adapter is not None and self.adapters.get(seq.adapter).weights is not None:
                 out.hooked.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
                 out.hooked_seqs.setdefault(seq.adapter, []).append((seq.seq_id, t0, t0 + n, start))
@@ -262,7 +271,7 @@ class ModelRunner:
         return self.model(step["input_ids"], step["positions"], ctx)
 
     def sample(self, scheduled: list[ScheduledSeq], layout: StepLayout, step: dict[str, torch.Tensor], hidden: torch.Tensor) -> StepResult:
-        sampled: list[int | None] = [None] * len(scheduled)
+        sampled: list[list[int]] = [[] for _ in scheduled]
         failures: dict[int, str] = {}
         if layout.sample_rows:
             last_hidden = hidden[step["sample_rows"]]
@@ -270,13 +279,31 @@ class ModelRunner:
             finite = torch.isfinite(last_hidden).all(dim=-1)
             logits = self.model.compute_logits(last_hidden)
             params = [scheduled[i].seq.params for i, _ in layout.sample_rows]
-            tokens = self._to_host(sample(logits, params, layout.sample_positions, finite))
-            for (i, _), tok in zip(layout.sample_rows, tokens):
+            if not layout.num_drafts:
+                tokens = self._to_host(sample(logits, params, layout.sample_positions, finite))
+                accepted = [False] * len(tokens)
+            else:
+                tok_d, acc_d = verify(logits, params, layout.sample_positions, layout.sample_drafts, finite)
+                tokens, accepted = self._verified(tok_d, acc_d)
+            stopped: set[int] = set()  # sequences whose draft was rejected (or that failed): later rows are moot
+            for (i, _), tok, ok, draft in zip(layout.sample_rows, tokens, accepted, layout.sample_drafts):
+                if i in stopped:
+                    continue
+                if ok:  # an accepted draft token, then the next row
+                    sampled[i].append(draft)
+                    continue
+                stopped.add(i)
                 if tok < 0:
                     failures[i] = NON_FINITE
+                    sampled[i] = []
                 else:
-                    sampled[i] = tok
+                    sampled[i].append(tok)
         return StepResult(sampled, failures, layout.num_adapters)
+
+    def _verified(self, tokens: torch.Tensor, accepted: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Tokens and acceptances in the step's one device->host transfer."""
+        both = self._to_host(torch.stack([tokens, accepted.long()]))
+        return both[0], [bool(a) for a in both[1]]
 
     @staticmethod
     def _to_host(tokens: torch.Tensor) -> list[int]:

@@ -51,35 +51,78 @@ def sample(logits: Tensor, params: list[SamplingParams], positions: list[int], f
     `positions[i]`: the position in its sequence of the token row i samples (keys seeded noise).
     `finite`: (B,) bool on the device, when the caller knows it more cheaply than from the (B, V)
     logits (the model runner checks the (B, hidden) states they come from: ~100x fewer numbers)."""
+    return _sample(logits, params, positions, finite, None)[0]
+
+
+def verify(logits: Tensor, params: list[SamplingParams], positions: list[int], drafts: list[int],
+           finite: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Speculative decoding's check of draft tokens: row i holds the distribution of the token at
+    positions[i] and drafts[i] the token a draft put there (-1: none). Returns (tokens, accepted),
+    both (B,) on the device: accepted rows keep their draft as token; the others hold a token of their own.
+
+    Greedy rows accept a draft equal to their argmax, else give the argmax. Sampled rows accept with
+    probability p(draft) under their masked distribution p, and otherwise sample from p without the
+    draft token, renormalised: the token a row gives is then distributed as p exactly (a draft is a
+    point mass q = 1 at its token, and this is the rejection rule of speculative sampling,
+    min(1, p/q) then the residual max(p - q, 0), for that q). A row that cannot be sampled gets -1 and
+    accepts nothing."""
+    return _sample(logits, params, positions, finite, drafts)
+
+
+def _sample(logits: Tensor, params: list[SamplingParams], positions: list[int], finite: Tensor | None,
+            drafts: list[int] | None) -> tuple[Tensor, Tensor | None]:
     B, V = logits.shape
     assert len(params) == B and len(positions) == B, "one SamplingParams and one position per row"
+    assert drafts is None or len(drafts) == B, "one draft token (or -1) per row"
     device = logits.device
     if finite is None:
         finite = torch.isfinite(logits).all(dim=-1)  # (B,)
     rows = [i for i, p in enumerate(params) if not p.greedy]  # host data: cheap Python checks
+    draft_d = None
+    if drafts is not None:
+        draft_d = torch.tensor(drafts, dtype=torch.int64)
+        draft_d = (draft_d.pin_memory() if device.type == "cuda" else draft_d).to(device, non_blocking=True)
     if not rows:
-        return torch.where(finite, logits.argmax(dim=-1), -1)
+        tokens = torch.where(finite, logits.argmax(dim=-1), -1)
+        return tokens, None if draft_d is None else (tokens == draft_d) & (draft_d >= 0)
 
     # One host->device copy of the sampling rows' parameters, as float64 (exact for every column:
     # 32-bit key halves, k <= V, and the float32 the temperature and top_p become on the device).
-    # Row j of the table: [batch row, temperature, top_p, top_k, seeded rows' j, key low, key high];
-    # the last three columns list the seeded rows, from the top.
+    # Row j of the table: [batch row, temperature, top_p, top_k, seeded rows' j, key low, key high,
+    # acceptance key low, acceptance key high]; the last five columns list the seeded rows, from the top.
     seeded = [j for j, i in enumerate(rows) if params[i].seed is not None]
-    table = [[i, params[i].temperature, _top_p(params[i]), _top_k(params[i], V), 0.0, 0.0, 0.0] for i in rows]
+    table = [[i, params[i].temperature, _top_p(params[i]), _top_k(params[i], V), 0.0, 0.0, 0.0, 0.0, 0.0] for i in rows]
     for slot, j in enumerate(seeded):
         i = rows[j]
-        table[slot][4:] = [j, *_row_key(params[i].seed, positions[i])]
-    host = torch.tensor(table, dtype=torch.float64)  # (S, 7)
+        table[slot][4:] = [j, *_row_key(params[i].seed, positions[i]), *_accept_key(params[i].seed, positions[i])]
+    host = torch.tensor(table, dtype=torch.float64)  # (S, 9)
     if device.type == "cuda":
         host = host.pin_memory()
     table_d = host.to(device, non_blocking=True)
     S = len(rows)
+    row_idx = table_d[:, 0].long()
 
-    x = logits if S == B else logits.index_select(0, table_d[:, 0].long())  # (S, V)
+    x = logits if S == B else logits.index_select(0, row_idx)  # (S, V)
     if any(params[i].temperature != 1.0 for i in rows):
         x = x / table_d[:, 1:2].float()
     x = _mask(x, [params[i] for i in rows], table_d[:, 3].long(), table_d[:, 2].float())
     probs = x.softmax(dim=-1)  # (S, V)
+
+    accepted_s = None
+    if draft_d is not None:
+        d = draft_d if S == B else draft_d.index_select(0, row_idx)  # (S,)
+        has = (d >= 0).unsqueeze(1)
+        at = d.clamp(min=0).unsqueeze(1)
+        p_draft = torch.where(has, probs.gather(1, at), 0.0).squeeze(1)  # (S,)
+        if len(seeded) == S:
+            u = seeded_uniform(table_d[:, 7:9].long())
+        else:
+            u = torch.rand(S, device=device)
+            if seeded:
+                n = len(seeded)
+                u.index_copy_(0, table_d[:n, 4].long(), seeded_uniform(table_d[:n, 7:9].long()))
+        accepted_s = u < p_draft  # never for a row without a draft (p_draft 0)
+        probs = probs.scatter(1, at, torch.where(has, 0.0, probs.gather(1, at)))  # the residual: p without the draft
 
     if len(seeded) == S:
         q = seeded_noise(table_d[:, 5:7].long(), V)
@@ -92,13 +135,23 @@ def sample(logits: Tensor, params: list[SamplingParams], positions: list[int], f
     # best > 0 always holds for a finite row (its top token has probability >= 1/V, q is finite for it);
     # it fails (NaN) for a row whose logits / temperature overflowed
     sampled = torch.where(best > 0, sampled, -1)
+    if accepted_s is not None:  # (a residual can be empty, best 0: only when p(draft) = 1, always accepted)
+        sampled = torch.where(accepted_s, d, sampled)
 
     if S == B:
         tokens = sampled
     else:
         tokens = logits.argmax(dim=-1)  # (B,): the greedy rows' tokens
-        tokens.index_copy_(0, table_d[:, 0].long(), sampled)
-    return torch.where(finite, tokens, -1)
+        tokens.index_copy_(0, row_idx, sampled)
+    tokens = torch.where(finite, tokens, -1)
+    if draft_d is None:
+        return tokens, None
+    if S == B:
+        accepted = accepted_s
+    else:
+        accepted = (tokens == draft_d) & (draft_d >= 0)  # the greedy rows'
+        accepted.index_copy_(0, row_idx, accepted_s)
+    return tokens, accepted & finite
 
 
 def _top_p(p: SamplingParams) -> float:
@@ -169,6 +222,12 @@ def _row_key(seed: int, position: int) -> tuple[int, int]:
     return key & _M32, key >> 32
 
 
+def _accept_key(seed: int, position: int) -> tuple[int, int]:
+    """The key of the uniform number that accepts or rejects a draft token at (seed, position): not the
+    race's key, so acceptance and the residual's token are independent."""
+    return _row_key(seed ^ 0x5851F42D4C957F2D, position)
+
+
 def _mix32(x: Tensor) -> Tensor:
     """A 32-bit avalanche mix (hash-prospector's lowbias32 with its improved constants), in place on
     int64 holding values in [0, 2**32): both multipliers are below 2**31, so no product overflows
@@ -198,6 +257,11 @@ def seeded_noise(keys: Tensor, vocab_size: int) -> Tensor:
     x = _mix32(x)
     u = (x >> 9).float().add_(0.5).mul_(2.0**-23)  # in [2**-24, 1 - 2**-24]: exact in float32
     return u.log_().neg_()
+
+
+def seeded_uniform(keys: Tensor) -> Tensor:
+    """keys (R, 2) int64 -> (R,) float32 uniform in (0, 1), one per key (exp(-q) of q ~ Exp(1) is uniform)."""
+    return seeded_noise(keys, 1)[:, 0].neg_().exp_()
 
 
 def exp_noise(rows: int, vocab_size: int, device: torch.device | str) -> Tensor:
@@ -240,6 +304,35 @@ def sample_reference(logits: Tensor, params: list[SamplingParams], positions: li
         best, token = (probs / q).max(-1)
         tokens.append(int(token) if float(best) > 0 else -1)
     return torch.tensor(tokens, dtype=torch.int64, device=logits.device)
+
+
+def verify_reference(logits: Tensor, params: list[SamplingParams], positions: list[int], drafts: list[int],
+                     finite: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`verify`, one row at a time in plain steps with unseeded noise: the test oracle of its rule."""
+    tokens, accepted = [], []
+    for i, (p, d) in enumerate(zip(params, drafts)):
+        row = logits[i]
+        ok = bool(finite[i]) if finite is not None else bool(torch.isfinite(row).all())
+        if not ok:
+            tokens.append(-1)
+            accepted.append(False)
+            continue
+        if p.greedy:
+            top = int(row.argmax())
+            tokens.append(top)
+            accepted.append(d >= 0 and top == d)
+            continue
+        probs = mask_row_reference(row / torch.tensor(p.temperature, dtype=torch.float32), p).softmax(-1)
+        if d >= 0 and float(torch.rand(())) < float(probs[d]):
+            tokens.append(d)
+            accepted.append(True)
+            continue
+        if d >= 0:
+            probs = probs.clone()
+            probs[d] = 0.0
+        tokens.append(int(torch.multinomial(probs, 1)))
+        accepted.append(False)
+    return torch.tensor(tokens, dtype=torch.int64), torch.tensor(accepted, dtype=torch.bool)
 
 
 def mask_row_reference(row: Tensor, p: SamplingParams) -> Tensor:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import RequestFailed, Sequence, SequenceStatus
+from server.engine.speculative import Speculator
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    draft: list[int] = field(default_factory=list)  # draft tokens run after the sequence's own (speculative decoding)
 
     @property
     def samples(self) -> bool:
         """After this step every token is in the cache, so the next one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
 
 
 class Scheduler:
@@ -34,11 +36,13 @@ class Scheduler:
         max_num_batched_tokens: int,
         acquire_adapter: Callable[[Sequence], bool] = lambda seq: True,
         release_adapter: Callable[[Sequence], None] = lambda seq: None,
+        speculator: Speculator | None = None,
     ):
         """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now;
         RequestFailed: never, and the sequence fails alone); release_adapter undoes the count when the
         sequence leaves the running batch."""
         self.blocks = block_manager
+        self.speculator = speculator  # drafts tokens for decoding sequences (None: no speculative decoding)
         self.acquire_adapter, self.release_adapter = acquire_adapter, release_adapter
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -72,6 +76,15 @@ class Scheduler:
             if seq not in self.running:  # preempted below while making room for an earlier one
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 1 and self.speculator is not None:
+                draft = self.speculator.propose(seq, len(self.running) + len(self.waiting), budget)
+                # drafts only where blocks are to spare (one kept per running sequence): they never preempt anyone
+                total = seq.num_computed_tokens + 1 + len(draft)
+                spare = self.blocks.num_free - (self.blocks.blocks_needed(total) - len(seq.block_table))
+                if draft and spare >= len(self.running) and self.blocks.ensure(seq, total):
+                    scheduled.append(ScheduledSeq(seq, 1 + len(draft), draft))
+                    budget -= 1 + len(draft)
+                    continue
             while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
                 preempted = True
                 victim = self.running[-1]
@@ -113,6 +126,8 @@ class Scheduler:
 
     def _leave(self, seq: Sequence) -> None:
         self.blocks.free(seq)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
         if seq.holds_adapter:
             seq.holds_adapter = False
             self.release_adapter(seq)
@@ -125,19 +140,37 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[int | None], eos_token_ids: frozenset[int]) -> None:
-        """Record computed tokens and sampled ones; finish sequences on EOS, stop tokens or max_tokens."""
-        for item, token in zip(scheduled, sampled):
+    def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[list[int]], eos_token_ids: frozenset[int],
+                    stops: Callable[[Sequence, int], bool] = lambda seq, token: False) -> list[int]:
+        """Record computed tokens and sampled ones (several per sequence where drafts were accepted);
+        finish sequences on EOS, stop tokens, `stops(seq, token)` (stop strings) or max_tokens: the
+        tokens after the one that finishes a sequence are dropped. Returns how many tokens each
+        sequence kept."""
+        kept = []
+        for item, tokens in zip(scheduled, sampled):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if token is None:
-                continue
-            seq.output_token_ids.append(token)
+            if item.draft:
+                # the cache holds its own token and the accepted drafts: the rest are written over later
+                accepted = max(0, len(tokens) - 1)
+                seq.num_computed_tokens += 1 + accepted
+                if self.speculator is not None:
+                    self.speculator.record(seq, len(item.draft), accepted)
+            else:
+                seq.num_computed_tokens += item.num_new_tokens
+            before = len(seq.output_token_ids)
             p = seq.params
-            if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                seq.finish("stop")
-            elif len(seq.output_token_ids) >= p.max_tokens:
-                seq.finish("length")
+            for token in tokens:
+                seq.output_token_ids.append(token)
+                if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                    seq.finish("stop")
+                elif stops(seq, token):
+                    seq.finish("stop")
+                elif len(seq.output_token_ids) >= p.max_tokens:
+                    seq.finish("length")
+                if seq.is_finished:
+                    break
+            kept.append(len(seq.output_token_ids) - before)
+        return kept
 
     def take_failed(self) -> list[Sequence]:
         failed, self.failed = self.failed, []
