@@ -3,7 +3,8 @@
 #   make test-slow    long suites
 #   make fuzz         API fuzzing (tests/test_fuzz_api.py), 500 cases per operation instead of make test's 40
 #   make serve ARGS="--port 8000"
-#   make bench ARGS="..."   hotswap vs vLLM CPU vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
+#   make bench ARGS="..."   hotswap vs vLLM CPU vs llama.cpp vs naive HF+peft vs base-only (loadtests/compare.py; --quick for a smoke run)
+#   make llama-cpp          build the bench's llama.cpp peer (llama-server from the llama-cpp-python sdist) into .llama-cpp, once
 #   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
 #   make bench-quant        none/int8/int4 base: tokens/s, memory, perplexity (loadtests/bench_quant.py)
 #   make gpu-check ARGS="..."  on a CUDA machine: GPU tests, kernel benchmarks, hotswap vs vLLM -> gpu-report.md (loadtests/gpu_check.py)
@@ -27,8 +28,9 @@ PYTEST_ARGS ?=
 FUZZ_EXAMPLES ?= 500
 
 VLLM_VENV := .venv-vllm
+LLAMA_CPP_DIR := .llama-cpp
 
-.PHONY: install model serve test test-slow fuzz bench bench-install bench-quant vllm soak clean
+.PHONY: install model serve test test-slow fuzz bench bench-install bench-quant vllm llama-cpp soak clean
 
 install: $(VENV)/.installed
 
@@ -75,7 +77,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 vllm:
 	PYTHON=$(PYTHON) loadtests/setup_vllm.sh $(VLLM_VENV)
 
-bench: bench-install model vllm
+# llama.cpp's llama-server + llama-quantize + the GGUF converters' venv, the other peer, in its own directory
+# (idempotent: the script keeps a stamp file; the build takes a while on 2 cores, at nice 19).
+llama-cpp:
+	PYTHON=$(PYTHON) loadtests/setup_llama_cpp.sh $(LLAMA_CPP_DIR)
+
+bench: bench-install model vllm llama-cpp
 	$(PY) -m loadtests.compare $(ARGS)
 
 soak: bench-install model

@@ -151,6 +151,9 @@ class LoadSpec:
     # optional: called for every new request, the adapter names right now (a list that grows during a
     # soak, say); replaces `adapters` for popularity distinct/uniform/zipf/identical
     adapters_live: Callable[[], list[str]] | None = None
+    # optional: extra body fields for a request naming this model, merged over extra_body (llama-server
+    # picks an adapter from a per-request `lora` list, not from `model`: loadtests/llama_cpp.body_hook)
+    body_for_model: Callable[[str], dict] | None = None
 
     def validate(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
@@ -235,6 +238,8 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, index: int, item: dict
         "model": item["model"], "prompt": item["prompt"], "max_tokens": item["max_tokens"], "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True}, **spec.extra_body,
     }
+    if spec.body_for_model is not None:
+        body.update(spec.body_for_model(item["model"]))
     if spec.ignore_eos:
         body["ignore_eos"] = True
     rec = {
@@ -374,11 +379,12 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         if bar is not None:
             bar.close()
     records.sort(key=lambda r: r["index"])
-    live = spec.adapters_live
-    spec.adapters_live = None  # not data: kept out of the JSON config
+    live, hook = spec.adapters_live, spec.body_for_model
+    spec.adapters_live = spec.body_for_model = None  # not data: kept out of the JSON config
     config = asdict(spec)
-    spec.adapters_live = live
+    spec.adapters_live, spec.body_for_model = live, hook
     config["adapters_live"] = live is not None
+    config["body_for_model"] = hook is not None
     config["adapters"] = {"count": len(spec.adapters), "first": spec.adapters[:3], "last": spec.adapters[-1:] if spec.adapters else []}
     config["base_model_resolved"] = base_model
     result = LoadResult(config=config, summary=summarize(records, wall, token_times), records=records, token_times=token_times)
