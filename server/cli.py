@@ -271,7 +271,7 @@ def _serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         speculative=args.speculative_config,
     )
-    engine = LLMEngine(config)
+    engine = LLMEngine.on_own_thread(config)  # built where its loop will run: server.engine.engine_thread
     service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
     logging.getLogger("hotswap").info("adapter registry: %s", service.registry.store.description)
     limits = RequestLimits(

@@ -1,7 +1,8 @@
 """Runs the engine loop on its own thread so the asyncio event loop (HTTP) stays responsive.
 
 Requests and aborts cross into the engine thread through a queue and are applied between steps;
-each request's outputs come back through its own asyncio.Queue.
+each request's outputs come back through its own asyncio.Queue. An engine built on an EngineThread
+(`LLMEngine.thread`, as `hotswap serve` builds it) runs its loop there: where it was built.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from server.engine.llm_engine import ENGINE_FAILED, LLMEngine
@@ -35,10 +37,15 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
+        self._loop_done: Future | None = None  # the loop's run on the engine's own EngineThread
         self._stopping = False
         self.error: BaseException | None = None
 
     def start(self) -> None:
+        home = getattr(self.engine, "thread", None)
+        if home is not None:
+            self._loop_done = home.submit(self._loop)
+            return
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -47,10 +54,16 @@ class AsyncEngine:
         self._inbox.put(("wake", None))
         if self._thread:
             self._thread.join(timeout=10)
+        if self._loop_done is not None:
+            wait([self._loop_done], timeout=10)
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        if self.error is not None:
+            return False
+        if self._loop_done is not None:
+            return not self._loop_done.done() and self.engine.thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Yields outputs until the sequence finishes; RequestFailed if it failed. Leaving early (client gone) aborts it."""

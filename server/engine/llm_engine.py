@@ -17,6 +17,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
 from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine_thread import EngineThread
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
@@ -56,8 +57,18 @@ class SeqUpdate:
 
 
 class LLMEngine:
+    @classmethod
+    def on_own_thread(cls, config: EngineConfig) -> "LLMEngine":
+        """An engine built on a thread of its own, which its loop then runs on (server.engine.engine_thread
+        says why: the server's engine)."""
+        thread = EngineThread()
+        engine = thread.call(lambda: cls(config))
+        engine.thread = thread
+        return engine
+
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.thread: EngineThread | None = None  # the thread it was built on, where its loop should run (on_own_thread)
         if config.threads:
             torch.set_num_threads(config.threads)
         model_dir = config.model
