@@ -3,8 +3,9 @@
 On the CPU, an engine built on one thread and stepped on another decodes about 12 % slower than one
 stepped where it was built (single stream, measured side by side on the 2-core dev box: stepped on
 another thread 0.88x, built and stepped on the same non-main thread 1.01x; docs/benchmarks.md, "The
-serving path"). The difference lies in per-thread state below Python (OpenMP thread teams and the
-BLAS buffers bound to them), not in anything the engine does. So the server builds its engine on
+serving path"). The difference lies below Python, in per-thread state of the runtime (not pinned
+down further; OpenMP thread teams and the BLAS buffers bound to them are the likely ones: OMP_WAIT_POLICY
+and GOMP_SPINCOUNT did not change it), not in anything the engine does. So the server builds its engine on
 the thread that will run the engine loop, and hands that thread the loop (server.engine.async_engine).
 """
 from __future__ import annotations
