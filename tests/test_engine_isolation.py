@@ -144,3 +144,23 @@ def test_sampling_fails_only_rows_whose_logits_are_not_finite():
 def test_sampling_params_refuse_values_that_would_fail_a_step(field, value):
     with pytest.raises(ValueError):
         SamplingParams(**{field: value})
+
+
+def test_with_speculative_decoding_a_blown_up_request_still_fails_alone(small_engine, adapter_dirs):
+    """Drafts on (three good sequences draft and verify in the same steps as the failing one): the NaN
+    request fails alone and the others get exactly their greedy tokens."""
+    from server.engine.speculative import SpeculativeConfig
+
+    engine = small_engine
+    if "nan" not in engine.static_adapters:
+        place_static(engine, nan_adapter(engine, adapter_dirs["r4-qv"], "nan"))
+    repetitive = [(p + " " + p + " " + p, a) for p, a in GOOD_JOBS]
+    alone = [greedy_outputs(engine, [job], 16)[0] for job in repetitive]
+    engine.scheduler.speculator = spec = engine.make_speculator(SpeculativeConfig(num_speculative_tokens=3))
+    try:
+        seqs = run_together(engine, [("Hello hello hello", "nan"), *repetitive], 16)
+    finally:
+        engine.scheduler.speculator = None
+    assert seqs[0].finish_reason == "error" and str(seqs[0].error) == NON_FINITE
+    assert [s.output_token_ids for s in seqs[1:]] == alone
+    assert spec.drafted > 0
