@@ -61,7 +61,12 @@ def _device(device: torch.device | str | None, default: torch.device) -> torch.d
 class Int8Weight:
     q: Tensor  # [N, K] int8
     scale: Tensor  # [N] float32
-    _scale_lowp: Tensor | None = field(default=None, repr=False)
+    # the scales in bf16 for torch's int8pack kernel; made here rather than on first use, so a
+    # compiled decode step (server.engine.compiled_decode) never sees the weight change
+    scale_bf16: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
 
     @property
     def nbytes(self) -> int:
@@ -218,9 +223,7 @@ def int8_linear(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Tensor:
     """
     kernel = kernel_for("int8", x.device, x.shape[0])
     if kernel == "int8pack":
-        if w._scale_lowp is None:
-            w._scale_lowp = w.scale.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w.q, w._scale_lowp).to(x.dtype)
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w.q, w.scale_bf16).to(x.dtype)
         return y if bias is None else y.add_(bias)
     if kernel == "triton-int8":
         from kernels.triton.quant import int8_linear_triton

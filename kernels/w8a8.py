@@ -41,7 +41,12 @@ class W8A8Weight:
     q: Tensor  # [N, K] int8: the smoothed weight W · diag(s), per output channel
     scale: Tensor  # [N] float32
     inv_s: Tensor  # [K] float32: 1 / s, applied to the activations
-    _scale_lowp: Tensor | None = field(default=None, repr=False)
+    # the scales in bf16 for torch's int8pack kernel; made here rather than on first use, so a
+    # compiled decode step (server.engine.compiled_decode) never sees the weight change
+    scale_bf16: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
 
     @property
     def nbytes(self) -> int:
@@ -84,9 +89,7 @@ def w8a8_linear(x: Tensor, w: W8A8Weight, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b from the smoothed int8 weight (semantics: w8a8_linear_reference). x: [M, K]."""
     xs = x.to(torch.float32) * w.inv_s
     if x.shape[0] < ROWS_INT_MM:
-        if w._scale_lowp is None:
-            w._scale_lowp = w.scale.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(xs.to(torch.bfloat16), w.q, w._scale_lowp).to(x.dtype)
+        y = torch._weight_int8pack_mm(xs.to(torch.bfloat16), w.q, w.scale_bf16).to(x.dtype)
     else:
         codes, t = _quantize_rows(xs)
         y = (torch._int_mm(codes, w.q.T).to(torch.float32).mul_(t).mul_(w.scale)).to(x.dtype)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per engine step (long prompts are prefilled in chunks)")
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache budget in tokens (default: 32768 on CPU; on CUDA what --gpu-memory-utilization leaves)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the GPU's memory to fill with weights, adapter pools and KV cache")
-    serve.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, without CUDA graphs")
+    serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly: no CUDA graphs on CUDA, no torch.compile on the CPU (start-up is faster, decoding slower)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)

@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     kv_cache_tokens: int | None = None  # None: 32768 on CPU; on CUDA what fits in gpu_memory_utilization
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory hotswap may fill (weights, pools, KV cache)
-    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # decode steps run eagerly: no CUDA graphs on CUDA, no torch.compile on the CPU
     kernels: str = "auto"  # auto (Triton on CUDA when it imports, else torch) | triton | torch (kernels.dispatch)
     block_size: int = 16
     max_model_len: int | None = None  # None = the model's context, capped by the KV cache

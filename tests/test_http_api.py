@@ -118,7 +118,7 @@ def test_health_and_metrics(live_server, client):
     h = httpx.get(live_server.base_url + "/health").json()
     assert h["status"] == "ready" and h["model"] == "smollm2"  # open mode: every caller is the admin
     assert h["quantization"] == "none" and h["kernels"]["adapters"].startswith("torch-cpu")  # what the engine picked
-    assert (h["device"], h["dtype"], h["decode_graphs"]) == ("cpu", "float32", "off") and "SDPA" in h["kernels"]["attention"]
+    assert (h["device"], h["dtype"], h["decode_fast_path"]) == ("cpu", "float32", "off (eager)") and "SDPA" in h["kernels"]["attention"]
     text = httpx.get(live_server.base_url + "/metrics").text
     for name in (
         "hotswap_requests_total", "hotswap_request_latency_seconds", "hotswap_time_to_first_token_seconds",

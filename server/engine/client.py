@@ -109,7 +109,7 @@ class EngineClient:
         e = self._engine
         return {"model": e.model_name, "device": str(e.device), "dtype": e.dtype_name, "adapters_resident": len(e.adapters.resident),
                 "quantization": e.quantization, "kernels": e.kernels,
-                "decode_graphs": "off" if e.runner.graphs is None else f"{len(e.runner.graphs.graphs)} captured"}  # fmt: skip
+                "decode_fast_path": "off (eager)" if e.runner.graphs is None else e.runner.graphs.describe()}  # fmt: skip
 
     def observe(self, metrics) -> None:
         """Refresh the engine's gauges in `metrics` (server.metrics.Metrics)."""

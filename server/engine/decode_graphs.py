@@ -120,6 +120,9 @@ class DecodeGraphs:
                              decode_seq_lens=self._view("lens")[:b], prefill=None, plans={self.lora_space: plans}, hooks=[])  # fmt: skip
         return self.runner.model(self._view("ids")[:b], self._view("pos")[:b], ctx)
 
+    def describe(self) -> str:
+        return f"CUDA graphs: {len(self.graphs)} captured"
+
     def fits(self, layout, fresh: list[int]) -> bool:
         """Whether a step can be replayed: decode only, at most max_seqs sequences and max_blocks blocks
         each, base or LoRA-space adapters of rank <= max_rank, no step hook, pools unchanged."""

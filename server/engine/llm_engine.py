@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 
 from kernels.dispatch import select_kernels
 from kernels.quant import Int8Weight
+from kernels.w8a8 import ROWS_INT_MM
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.compiled_decode import CompiledDecode, compile_disabled
 from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
 from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -130,6 +132,14 @@ class LLMEngine:
             if not config.enforce_eager:
                 max_blocks = -(-self.max_model_len // config.block_size)
                 self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, max_blocks, config.max_lora_rank, CudaGraphBackend(self.device))
+        elif self.device.type == "cpu" and not config.enforce_eager:
+            if compile_disabled():
+                log.info("TORCH_COMPILE_DISABLE=1: decode steps run eagerly")
+            else:
+                self.runner.graphs = CompiledDecode(self.runner, config.max_lora_rank)
+                self.runner.graphs.warm_up(self._compile_batch_sizes(config.max_num_seqs))
+                log.info("compiled the decode step (torch.compile, inductor) for batch sizes %s in %.1f s",
+                         "/".join(self.runner.graphs.graphs), self.runner.graphs.compile_seconds)
         log.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
             num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
@@ -149,6 +159,14 @@ class LLMEngine:
     @property
     def speculator(self) -> Speculator | None:
         return self.scheduler.speculator
+
+    def _compile_batch_sizes(self, max_seqs: int) -> tuple[int, ...]:
+        """One batch size per variant of the compiled decode step (server.engine.compiled_decode): one
+        sequence, several, and with w8a8 several from the int8 GEMM's row threshold on."""
+        sizes = {1, min(2, max_seqs)}
+        if self.quantization == "w8a8" and max_seqs >= ROWS_INT_MM:
+            sizes.add(ROWS_INT_MM)
+        return tuple(sorted(sizes))
 
     def _warm_up_kernels(self, kernels) -> None:
         """Triton autotuning at start-up over every bucket the server can meet, never inside a step."""

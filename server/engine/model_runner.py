@@ -82,7 +82,9 @@ class ModelRunner:
         self.kv_cache_bytes = 2 * len(model.layers) * layer.attn.k_cache.nbytes
         self._fresh_blocks: list[int] = []  # handed to sequences, cleared by the next step before its forward
         self._seq_state: dict[int, dict] = {}  # seq id -> its adapter family's state across steps (SeqRows.state)
-        self.graphs = None  # DecodeGraphs on CUDA (set by the engine): decode steps it fits are replayed
+        # the decode fast path, set by the engine: DecodeGraphs on CUDA (replayed CUDA graphs), CompiledDecode on
+        # the CPU (torch.compile); decode steps it fits run through it, the others eagerly
+        self.graphs = None
 
     @staticmethod
     def space_index(name: str) -> int:

@@ -110,9 +110,13 @@ class LlamaForCausalLM(torch.nn.Module):
             for lin in layer.linears():
                 lin.kernels = kernels
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (T,) -> their embeddings (T, d)."""
+        return self.embed_tokens(input_ids) if self.embed_quant is None else self.embed_quant.rows(input_ids, self.dtype)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden states (T, d)."""
-        x = self.embed_tokens(input_ids) if self.embed_quant is None else self.embed_quant.rows(input_ids, self.dtype)
+        x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, positions, ctx)
         return self.norm(x)
