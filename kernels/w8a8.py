@@ -20,19 +20,36 @@ PACKED_MAX_ROWS (kernels.quant).
 Semantics (reference): x' = x ⊙ inv_s;  t_i = max|x'_i| / 127;  y_i = round(x'_i / t_i) · t_i @ (q · scale)ᵀ + b
 The fast op computes exactly that from ROWS_INT_MM rows on; below, the weight-only kernel on x'
 (activations in bf16 rather than rounded to 8 bits: the same weights, a little more precise).
+
+`torch._int_mm` is oneDNN's int8 GEMM only on CPUs with VNNI (AVX-VNNI or AVX512-VNNI); elsewhere it
+is a plain loop, 15-30x slower than float32 (measured on an AVX2-only AMD EPYC, `python -m
+kernels.bench_w8a8`). Without VNNI the op stays weight-only at every row count (int8pack up to
+kernels.quant's PACKED_MAX_ROWS rows, one float32 GEMM on the dequantized weight above): w8a8 then
+serves as int8 does, with the smoothed weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["W8A8Weight", "quantize_w8a8", "w8a8_linear", "w8a8_linear_reference", "ROWS_INT_MM", "SMOOTH_ALPHA"]
+from kernels.quant import PACKED_MAX_ROWS
+
+__all__ = ["W8A8Weight", "quantize_w8a8", "w8a8_linear", "w8a8_linear_reference", "ROWS_INT_MM", "INT_MM_FAST", "SMOOTH_ALPHA"]
 
 # `torch._int_mm` plus the per-token quantization costs ~45 us fixed; the weight-only kernel wins below
 # this many rows, _int_mm from here on (python -m kernels.bench_w8a8).
 ROWS_INT_MM = 8
+
+
+def _cpu_has_vnni() -> bool:
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx_vnni") or caps.get("avx512_vnni"))
+
+
+INT_MM_FAST = _cpu_has_vnni()  # whether torch._int_mm is a real int8 GEMM on this CPU (see above)
 SMOOTH_ALPHA = 0.5  # perplexity of the embedded model: 55.06 at 0.5 vs 54.77 dense (0.6: 54.62, 0.4: 55.99)
 
 
@@ -88,9 +105,12 @@ def w8a8_linear_reference(x: Tensor, w: W8A8Weight, bias: Tensor | None = None) 
 def w8a8_linear(x: Tensor, w: W8A8Weight, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b from the smoothed int8 weight (semantics: w8a8_linear_reference). x: [M, K]."""
     xs = x.to(torch.float32) * w.inv_s
-    if x.shape[0] < ROWS_INT_MM:
-        y = torch._weight_int8pack_mm(xs.to(torch.bfloat16), w.q, w.scale_bf16).to(x.dtype)
-    else:
+    rows = x.shape[0]
+    if rows >= ROWS_INT_MM and INT_MM_FAST:
         codes, t = _quantize_rows(xs)
         y = (torch._int_mm(codes, w.q.T).to(torch.float32).mul_(t).mul_(w.scale)).to(x.dtype)
+    elif rows <= PACKED_MAX_ROWS:
+        y = torch._weight_int8pack_mm(xs.to(torch.bfloat16), w.q, w.scale_bf16).to(x.dtype)
+    else:  # no VNNI, a prefill-sized block: one float32 GEMM beats int8pack's bf16 path
+        y = F.linear(xs, w.q.to(torch.float32) * w.scale[:, None]).to(x.dtype)
     return y if bias is None else y.add_(bias)

@@ -6,6 +6,10 @@ import os
 # Triton reads this when it is first imported, and `peft` imports it: set it before any test module
 # is collected, so that tests/test_triton_kernels.py runs the kernels under the interpreter on CPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines on the CPU compile their decode step at start-up (server.engine.compiled_decode), ~10-20 s
+# each: the suite builds dozens of engines and servers, so it runs them eagerly (PyTorch's own
+# switch, inherited by the servers it starts); tests/test_compiled_decode.py turns compilation back on.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import threading
 import time

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.quant import PACKED_MAX_ROWS
 from kernels.w8a8 import ROWS_INT_MM, quantize_w8a8, w8a8_linear, w8a8_linear_reference
 from tests.conftest import greedy_outputs
 
@@ -18,7 +19,9 @@ def _weight(n: int = 96, k: int = 80, seed: int = 0):
 
 @pytest.mark.parametrize("rows", [1, ROWS_INT_MM - 1, ROWS_INT_MM, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_op_matches_reference(rows, bias):
+def test_fast_op_matches_reference(rows, bias, monkeypatch):
+    # the int8 x int8 path whether or not this CPU has VNNI (without it, _int_mm is slow but the same numbers)
+    monkeypatch.setattr("kernels.w8a8.INT_MM_FAST", True)
     w, q, g = _weight()
     x = torch.randn(rows, 80, generator=g)
     x[:, 3] *= 30
@@ -30,6 +33,17 @@ def test_fast_op_matches_reference(rows, bias):
     else:  # the weight-only kernel on bf16 activations instead of 8-bit ones: closer to x Wᵀ, not further
         dense = x @ w.T + (0 if b is None else b)
         assert (got - dense).abs().max() <= (ref - dense).abs().max() * 1.5 + 1e-2
+
+
+@pytest.mark.parametrize("rows", [ROWS_INT_MM, 33, PACKED_MAX_ROWS + 1])
+def test_without_vnni_the_op_stays_weight_only(rows, monkeypatch):
+    monkeypatch.setattr("kernels.w8a8.INT_MM_FAST", False)
+    w, q, g = _weight()
+    x = torch.randn(rows, 80, generator=g)
+    dense = x @ w.T
+    weight_only = (x * q.inv_s) @ (q.q.float() * q.scale[:, None]).T  # the smoothed int8 weights, unrounded activations
+    torch.testing.assert_close(w8a8_linear(x, q), weight_only, rtol=2e-2, atol=2e-2)  # bf16 activations in int8pack
+    assert (w8a8_linear(x, q) - dense).abs().max() <= (w8a8_linear_reference(x, q) - dense).abs().max() * 1.5 + 1e-2
 
 
 def test_dequantize_gives_back_the_unsmoothed_weight():

@@ -60,6 +60,11 @@ class CompiledDecode:
         # fullgraph: a graph break would silently run half of it eagerly; dynamic: one variant for every
         # batch size and table width (sizes 0 and 1 are still specialised by dynamo)
         self.layer_step = torch.compile(_decode_layer, fullgraph=True, dynamic=True)
+        # Dynamo assumes that two sizes equal when first seen stay equal ("duck sizing"): a table width of 2
+        # would be tied to an int4 weight's dimension of 2, and every other width would compile anew.
+        torch.fx.experimental._config.use_duck_shape = False
+        # Variants are few (see the module docstring) but the layer code is one: leave room for all of them.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compile_seconds = 0.0  # start-up compilation (warm_up)
         self.graphs: dict = {}  # for /health: the variants compiled at start-up
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from kernels.dispatch import select_kernels
 from kernels.quant import Int8Weight
-from kernels.w8a8 import ROWS_INT_MM
+from kernels.w8a8 import INT_MM_FAST, ROWS_INT_MM
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.compiled_decode import CompiledDecode, compile_disabled
@@ -162,9 +162,9 @@ class LLMEngine:
 
     def _compile_batch_sizes(self, max_seqs: int) -> tuple[int, ...]:
         """One batch size per variant of the compiled decode step (server.engine.compiled_decode): one
-        sequence, several, and with w8a8 several from the int8 GEMM's row threshold on."""
+        sequence, several, and with w8a8 on a CPU with VNNI several from the int8 GEMM's row threshold on."""
         sizes = {1, min(2, max_seqs)}
-        if self.quantization == "w8a8" and max_seqs >= ROWS_INT_MM:
+        if self.quantization == "w8a8" and INT_MM_FAST and max_seqs >= ROWS_INT_MM:
             sizes.add(ROWS_INT_MM)
         return tuple(sorted(sizes))
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from kernels.quant import KERNELS, PACKED_MAX_ROWS, kernel_for, quantize_int4, quantize_int8
-from kernels.w8a8 import ROWS_INT_MM, quantize_w8a8
+from kernels.w8a8 import INT_MM_FAST, ROWS_INT_MM, quantize_w8a8
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ def describe_kernels(device: torch.device | str, mode: str, group_size: int, ada
         base, lm_head = "dense GEMM (torch)", "dense"
     elif mode == "w8a8":
         base = (f"SmoothQuant int8 weights; torch._weight_int8pack_mm below {ROWS_INT_MM} rows, per-token int8 activations "
-                f"x torch._int_mm from {ROWS_INT_MM} rows (kernels.w8a8)")
+                f"x torch._int_mm from {ROWS_INT_MM} rows (kernels.w8a8)" if INT_MM_FAST else
+                "SmoothQuant int8 weights; torch._weight_int8pack_mm at every batch size (no VNNI on this CPU: "
+                "torch._int_mm would be a plain loop; kernels.w8a8)")
         lm_head = f"int8 per row: {_describe('int8', device)}"
     else:
         base = _describe(mode, device, f", group {group_size}" if mode == "int4" else "")
