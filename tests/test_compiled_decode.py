@@ -1,5 +1,5 @@
 """Decode steps through the compiled decoder layers (server.engine.compiled_decode) give the greedy
-tokens of the eager step path: base and every adapter family, float32 and the quantized bases.
+tokens of the eager step path, float32 and quantized; steps with adapters of any family decode eagerly.
 
 The suite runs engines eagerly (tests/conftest.py sets TORCH_COMPILE_DISABLE=1: compiling costs
 ~10-20 s per engine); this module turns compilation back on for its own engines.
@@ -51,39 +51,37 @@ def float32(model_dir, adapter_dirs):
 
 
 def test_start_up_compiles_and_reports_the_time(float32):
-    _, compiled, _ = float32
+    eager, compiled, _ = float32
+    assert eager.runner.graphs is None
     path = compiled.runner.graphs
-    assert set(path.graphs) == {"base x1", "base x2"} and path.compile_seconds > 0
-    assert "torch.compile" in path.describe()
+    assert set(path.graphs) == {"batch 1", "batch >= 2"} and path.compile_seconds > 0
+    assert path.describe().startswith("torch.compile")
 
 
-@pytest.mark.parametrize("jobs", [
-    [(PROMPTS[0], None)],  # one sequence: its own variant
-    [(PROMPTS[0], "r8-all")],
-    [(p, a) for p, a in zip(PROMPTS, ["r4-qv", None, "r16-attn", "r2-mlp"])],  # mixed ranks and targets, and the base
-    [(p, a) for p in PROMPTS[:3] for a in ("r32-q", "rec")],  # RecLoRA next to LoRA
-], ids=["base-1", "lora-1", "mixed-4", "lora+reclora-6"])
-def test_compiled_decode_equals_the_eager_step_path(float32, jobs):
+@pytest.mark.parametrize("n", [1, 4])
+def test_compiled_decode_equals_the_eager_step_path(float32, n):
     eager, compiled, seen = float32
     seen.clear()
+    jobs = [(p, None) for p in PROMPTS[:n]]
     assert greedy_outputs(compiled, jobs, 16) == greedy_outputs(eager, jobs, 16)
-    assert seen and set(seen) == {len(jobs)}  # every decode step went through the compiled layers
+    assert len(seen) >= 14 and set(seen) == {n}  # every decode step went through the compiled layers
 
 
-@pytest.mark.parametrize("family", ["s2", "moe"])  # S²FT: another pool space; routed experts: step hooks
-def test_steps_with_other_pool_spaces_or_hooks_run_eagerly(float32, family):
+@pytest.mark.parametrize("adapters", [["r8-all"], ["r4-qv", None, "r16-attn", "r2-mlp"], ["rec", None], ["s2", "r8-all"], ["moe", None]],
+                         ids=["lora", "mixed-lora", "reclora", "s2ft", "routed-experts"])
+def test_steps_with_adapters_decode_eagerly(float32, adapters):
     eager, compiled, seen = float32
     seen.clear()
-    jobs = [(PROMPTS[0], family), (PROMPTS[1], "r8-all")]
-    assert greedy_outputs(compiled, jobs, 6) == greedy_outputs(eager, jobs, 6)
+    jobs = list(zip(PROMPTS, adapters))
+    assert greedy_outputs(compiled, jobs, 8) == greedy_outputs(eager, jobs, 8)
     assert seen == []
 
 
-@pytest.mark.parametrize("quantization", ["w8a8", "int8"])
+@pytest.mark.parametrize("quantization", ["w8a8", "int4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantized_bases_compile_to_the_same_tokens(model_dir, adapter_dirs, quantization):
     eager, compiled = _engine(model_dir, adapter_dirs, quantization, True), _engine(model_dir, adapter_dirs, quantization, False)
     seen = _counting(compiled)
-    # one sequence, and 8: from w8a8's int8 x int8 threshold on (kernels.w8a8.ROWS_INT_MM, on CPUs with VNNI)
-    for jobs in ([(PROMPTS[1], "r16-attn")], [(p, a) for p in PROMPTS for a in ("r4-qv", None)]):
+    # one sequence, and 8 (w8a8's int8 x int8 threshold on CPUs with VNNI: kernels.w8a8.ROWS_INT_MM)
+    for jobs in ([(PROMPTS[1], None)], [(p, None) for p in PROMPTS + PROMPTS[::-1]]):
         assert greedy_outputs(compiled, jobs, 12) == greedy_outputs(eager, jobs, 12)
     assert set(seen) == {1, 8}

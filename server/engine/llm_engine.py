@@ -136,10 +136,10 @@ class LLMEngine:
             if compile_disabled():
                 log.info("TORCH_COMPILE_DISABLE=1: decode steps run eagerly")
             else:
-                self.runner.graphs = CompiledDecode(self.runner, config.max_lora_rank)
+                self.runner.graphs = CompiledDecode(self.runner)
                 self.runner.graphs.warm_up(self._compile_batch_sizes(config.max_num_seqs))
-                log.info("compiled the decode step (torch.compile, inductor) for batch sizes %s in %.1f s",
-                         "/".join(self.runner.graphs.graphs), self.runner.graphs.compile_seconds)
+                log.info("compiled the base model's decode step in %.1f s: %s", self.runner.graphs.compile_seconds,
+                         self.runner.graphs.describe())
         log.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB); max model length %d; %d adapters resident (%.1f MiB)",
             num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
