@@ -271,9 +271,11 @@ def int4_linear(x: Tensor, w: Int4Weight, bias: Tensor | None = None) -> Tensor:
     xb = x.to(torch.bfloat16)
     if w.packed.dim() == 2:  # CPU layout
         sz = w.scale_zero
-        parts = [torch._weight_int4pack_mm_for_cpu(xb[i:i + PACKED_MAX_ROWS], w.packed, w.group_size, sz)
-                 for i in range(0, max(x.shape[0], 1), PACKED_MAX_ROWS)]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if x.shape[0] <= PACKED_MAX_ROWS:  # one call; a loop over a batch-sized range would fix the batch
+            y = torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group_size, sz)  # size of a compiled step
+        else:
+            y = torch.cat([torch._weight_int4pack_mm_for_cpu(xb[i:i + PACKED_MAX_ROWS], w.packed, w.group_size, sz)
+                           for i in range(0, x.shape[0], PACKED_MAX_ROWS)])
     else:
         y = _tinygemm(xb, w)
     y = y.to(x.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from loadtests.synthetic import mixlora_files, reclora_files, s2ft_files
 from server.config import EngineConfig
@@ -85,3 +86,7 @@ def test_quantized_bases_compile_to_the_same_tokens(model_dir, adapter_dirs, qua
     for jobs in ([(PROMPTS[1], None)], [(p, None) for p in PROMPTS + PROMPTS[::-1]]):
         assert greedy_outputs(compiled, jobs, 12) == greedy_outputs(eager, jobs, 12)
     assert set(seen) == {1, 8}
+    # other batch sizes and table widths reuse the variants compiled at start-up: nothing compiles mid-serving
+    compiled_before = counters["stats"]["unique_graphs"]
+    greedy_outputs(compiled, [(p * 3, None) for p in PROMPTS[:3]] + [(PROMPTS[3], None)], 20)
+    assert counters["stats"]["unique_graphs"] == compiled_before
