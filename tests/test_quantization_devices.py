@@ -182,7 +182,7 @@ def test_health_names_the_kernels_each_device_runs(monkeypatch) -> None:
 
 
 def test_auto_quantization_keeps_one_int8_base_on_the_gpu() -> None:
-    assert resolve_quantization("auto", torch.device("cpu")) == "none"
+    assert resolve_quantization("auto", torch.device("cpu")) == "w8a8"
     assert resolve_quantization("auto", torch.device("cuda", 1)) == "int8"
     assert resolve_quantization("auto", "meta") == "int8"  # meta stands for CUDA in the placement test
     assert resolve_quantization("int4", torch.device("cuda")) == "int4"
