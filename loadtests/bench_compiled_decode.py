@@ -34,7 +34,7 @@ def decode_rate(engine: LLMEngine, batch: int, adapters: list[str], steps: int) 
                      adapters[i % len(adapters)] if adapters else None) for i in range(batch)]  # fmt: skip
     for s in seqs:
         engine.add(s)
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):  # prefill (and the first token)
+    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs):  # prefill (and the first token)
         engine.step()
     t0, tokens = time.perf_counter(), sum(len(s.output_token_ids) for s in seqs)
     while engine.has_work():
