@@ -24,9 +24,13 @@ ARG TORCH_VARIANT=cpu
 # torch first, from its variant's index: the default PyPI torch is a multi-GB CUDA build the CPU
 # image does not need, and the CUDA image needs the build of a chosen CUDA version. pyproject only
 # asks for torch>=2.6, so pip keeps this one. The CUDA image also gets a C compiler: triton builds
-# its small launcher module with one the first time it runs on a GPU.
+# its small launcher module with one the first time it runs on a GPU. The CPU image gets a C++ one:
+# inductor builds the compiled decode step (server/engine/compiled_decode.py) with it at start-up
+# (without one the server still runs, decoding eagerly).
 RUN case "$TORCH_VARIANT" in \
-        cpu) ;; \
+        cpu) apt-get update \
+            && apt-get install -y --no-install-recommends g++ libc6-dev \
+            && rm -rf /var/lib/apt/lists/* ;; \
         cu[0-9]*) apt-get update \
             && apt-get install -y --no-install-recommends gcc libc6-dev \
             && rm -rf /var/lib/apt/lists/* ;; \

@@ -14,6 +14,7 @@ from loadtests.synthetic import mixlora_files, reclora_files, s2ft_files
 from server.config import EngineConfig
 from server.engine.compiled_decode import CompiledDecode
 from server.engine.llm_engine import LLMEngine
+from server.layers.context import ForwardContext
 from tests.conftest import greedy_outputs
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "The best way to learn"]
@@ -90,3 +91,25 @@ def test_quantized_bases_compile_to_the_same_tokens(model_dir, adapter_dirs, qua
     compiled_before = counters["stats"]["unique_graphs"]
     greedy_outputs(compiled, [(p * 3, None) for p in PROMPTS[:3]] + [(PROMPTS[3], None)], 20)
     assert counters["stats"]["unique_graphs"] == compiled_before
+
+
+def test_a_failed_compilation_falls_back_to_eager_decoding(float32, caplog):
+    """E.g. no C++ compiler on the machine: the step still completes, later steps run eagerly."""
+    eager, _, _ = float32
+    path = CompiledDecode(eager.runner)
+
+    def fails(*args):
+        raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found")
+
+    path.layer_step = fails
+    runner, n = eager.runner, 3
+    ids, pos = torch.tensor([1, 2, 3]), torch.zeros(n, dtype=torch.long)
+    slots = torch.full((n,), runner.scratch_block * runner.block_size)
+    tables, lens = torch.full((n, 2), runner.null_block), torch.ones(n, dtype=torch.long)
+    with torch.inference_mode():
+        got = path.forward(ids, pos, slots, tables, lens)
+        ctx = ForwardContext(slot_mapping=slots, num_decode=n, decode_block_tables=tables, decode_seq_lens=lens)
+        want = eager.model(ids, pos, ctx)
+    torch.testing.assert_close(got, want)
+    assert "No working C++ compiler" in caplog.text and path.describe().startswith("off: torch.compile failed")
+    assert not path.fits(None, [])

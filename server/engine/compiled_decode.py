@@ -22,6 +22,7 @@ adapters (docs/benchmarks.md). Prefill, mixed steps and speculative drafts run e
 """
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 
@@ -29,6 +30,8 @@ import torch
 
 from kernels.staging import HostStaging
 from server.layers.context import ForwardContext
+
+log = logging.getLogger(__name__)
 
 def compile_disabled() -> bool:
     """Whether PyTorch's own switch (TORCH_COMPILE_DISABLE=1) turns torch.compile off in this process."""
@@ -57,14 +60,17 @@ class CompiledDecode:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compile_seconds = 0.0  # start-up compilation (warm_up)
         self.graphs: dict[str, float] = {}  # variant -> seconds it took to compile at start-up
+        self.failed: str | None = None  # why compilation failed (then every step runs eagerly)
 
     def describe(self) -> str:
+        if self.failed:
+            return f"off: torch.compile failed ({self.failed}); decoding eagerly"
         variants = ", ".join(f"{name} in {seconds} s" for name, seconds in self.graphs.items())
         return f"torch.compile (base-model decode steps): {variants}"
 
     def fits(self, layout, fresh: list[int]) -> bool:
         """Decode only (one token per sequence, every one samples), base-model sequences only."""
-        if layout.prefills or layout.num_drafts or not layout.decode_tables:
+        if self.failed or layout.prefills or layout.num_drafts or not layout.decode_tables:
             return False
         if len(layout.sample_rows) != len(layout.decode_tables):  # a prompt's one-token chunk that does not sample yet
             return False
@@ -87,9 +93,17 @@ class CompiledDecode:
 
     def forward(self, ids, positions, slots, tables, lens) -> torch.Tensor:
         model = self.runner.model
-        x = model.embed(ids)
-        for layer in model.layers:
-            x = self.layer_step(layer, x, positions, slots, tables, lens)
+        try:
+            x = model.embed(ids)
+            for layer in model.layers:
+                x = self.layer_step(layer, x, positions, slots, tables, lens)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # A variant that fails to compile (no C++ compiler, an inductor bug) is the server's problem,
+            # not the step's: decode eagerly from now on. Layers that already ran rewrite the same keys.
+            self.failed = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            log.warning("torch.compile failed (%s): decode steps run eagerly from now on", self.failed)
+            self.layer_step = _decode_layer
+            return self.forward(ids, positions, slots, tables, lens)
         return model.norm(x)
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kernels.dispatch import select_kernels
-from kernels.quant import Int8Weight
+from kernels.quant import PACKED_MAX_ROWS, Int8Weight
 from kernels.w8a8 import INT_MM_FAST, ROWS_INT_MM
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
@@ -162,10 +162,13 @@ class LLMEngine:
 
     def _compile_batch_sizes(self, max_seqs: int) -> tuple[int, ...]:
         """One batch size per variant of the compiled decode step (server.engine.compiled_decode): one
-        sequence, several, and with w8a8 on a CPU with VNNI several from the int8 GEMM's row threshold on."""
+        sequence, several, with w8a8 on a CPU with VNNI several from the int8 GEMM's row threshold on, and
+        with a quantized base more than the weight-only kernels' PACKED_MAX_ROWS."""
         sizes = {1, min(2, max_seqs)}
         if self.quantization == "w8a8" and INT_MM_FAST and max_seqs >= ROWS_INT_MM:
             sizes.add(ROWS_INT_MM)
+        if self.quantization != "none" and max_seqs > PACKED_MAX_ROWS:  # the quantized kernels' large-batch path
+            sizes.add(PACKED_MAX_ROWS + 1)
         return tuple(sorted(sizes))
 
     def _warm_up_kernels(self, kernels) -> None:
