@@ -33,6 +33,7 @@ from server.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
 
+
 def compile_disabled() -> bool:
     """Whether PyTorch's own switch (TORCH_COMPILE_DISABLE=1) turns torch.compile off in this process."""
     return bool(torch._dynamo.config.disable)
