@@ -38,8 +38,8 @@ def hotswap(*args: str, env: dict[str, str] | None = None, timeout: float = 15) 
 
 
 def text_lines(text: str) -> list[str]:
-    """Non-empty lines, without the model-loading progress bar (tqdm redraws it with \\r; it stays)."""
-    return [line for line in text.splitlines() if line.strip() and "tensor/s]" not in line]
+    """Non-empty lines, without the progress bars of model loading and quantization (tqdm redraws them with \\r; they stay)."""
+    return [line for line in text.splitlines() if line.strip() and "tensor/s]" not in line and "linear/s]" not in line]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -79,7 +79,8 @@ def test_steps_with_adapters_decode_eagerly(float32, adapters):
     assert seen == []
 
 
-@pytest.mark.parametrize("quantization", ["w8a8", "int4", pytest.param("int8", marks=pytest.mark.slow)])
+# w8a8 is the CPU's default base; int4 and int8 (each kernel its own branches) in make test-slow
+@pytest.mark.parametrize("quantization", ["w8a8", pytest.param("int4", marks=pytest.mark.slow), pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantized_bases_compile_to_the_same_tokens(model_dir, adapter_dirs, quantization):
     eager, compiled = _engine(model_dir, adapter_dirs, quantization, True), _engine(model_dir, adapter_dirs, quantization, False)
     seen = _counting(compiled)
