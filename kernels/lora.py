@@ -5,6 +5,9 @@ Storage: per (layer, module), two row pools.
   lora_b [N_rows, d_out] : the matching rows of B^T (PEFT lora_B.weight.T), LoRA scale folded in.
 Batch: tokens grouped by adapter into segments seg_indptr[i]:seg_indptr[i+1], each with a
 row_start o_i (-1 = base model, no delta) and rank r_i (mixed ranks, no padding in storage).
+Pools may be stored narrower than the activations (bfloat16 pools under float32 activations,
+`--lora-dtype`): a decode step over many adapters is bound by reading their rows, so half the
+bytes is most of the gain, while the GEMMs still run in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ def sgmv_lora_reference(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, pl
     """Semantics: y[s_i:s_{i+1}] += x[s_i:s_{i+1}] @ A[o_i:o_i+r_i].T @ B[o_i:o_i+r_i]  for every segment i with o_i >= 0
 
     x: [T, d_in], y: [T, d_out], lora_a (A): [N_rows, d_in], lora_b (B): [N_rows, d_out];
-    float32 or bfloat16, pools in x's dtype. Readable loop over segments accumulating in
-    float32; y is updated in place, rounded once to its dtype.
+    float32 or bfloat16, pools in x's dtype or narrower. Readable loop over segments accumulating
+    in float32; y is updated in place, rounded once to its dtype.
     """
     _check(y, x, lora_a, lora_b, plan)
     if plan.path == "bgmv":  # one adapter per token: the same loop over tokens (reads the device rows)
@@ -63,9 +66,11 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
     """Semantics: y[s_i:s_{i+1}] += x[s_i:s_{i+1}] @ A[o_i:o_i+r_i].T @ B[o_i:o_i+r_i]  for every segment i with o_i >= 0
 
     x: [T, d_in], y: [T, d_out] (2-D, any strides, contiguous rows are fastest; updated in place),
-    lora_a (A): [N_rows, d_in], lora_b (B): [N_rows, d_out], all float32 or all bfloat16.
-    GEMMs run in x's dtype, except bf16/fp16 on CPUs without native low-precision GEMM,
-    where they run in fp32 (faster there); the B pass always reads B in its own dtype.
+    lora_a (A): [N_rows, d_in], lora_b (B): [N_rows, d_out], float32 or bfloat16: x and y alike,
+    the pools alike, in x's dtype or narrower (bf16 pools under fp32 activations: the rows read
+    are widened). GEMMs run in x's dtype, except bf16/fp16 on CPUs without native low-precision
+    GEMM, where they run in fp32 (faster there); the batched B pass reads B in place in its own
+    dtype, accumulating in float32, the delta rounded once to B's dtype.
     Path and index tensors come from the plan (see LoraPlan); nothing here loops per token.
     """
     if plan.path == "none":
@@ -75,11 +80,14 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
     if plan.path == "bgmv":
         bgmv_lora(y, x, lora_a, lora_b, plan, upcast)
         return
+    widen = lora_a.dtype != x.dtype and not upcast  # narrow pools: each segment's rows widened as read
     for s, e, o, r in plan.loop_segs:
         a, b = lora_a[o:o + r], lora_b[o:o + r]  # views: no weight copy
         xs, ys = (x, y) if e - s == plan.num_tokens else (x[s:e], y[s:e])  # slicing costs ~1.5 us each
         if upcast:
             ys.add_((xs.float() @ a.float().T) @ b.float())
+        elif widen:
+            ys.addmm_(xs @ a.to(x.dtype).T, b.to(x.dtype))
         else:
             ys.addmm_(xs @ a.T, b)
     if plan.num_groups == 0:
@@ -98,6 +106,8 @@ def bgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
     xs = x.unsqueeze(2)
     if upcast:
         a, b, xs = a.float(), b.float(), xs.float()
+    elif a.dtype != x.dtype:  # narrow pools
+        a, b = a.to(x.dtype), b.to(x.dtype)
     h = torch.where(plan.bgmv_mask, torch.bmm(a, xs).squeeze(2), 0)  # [T, R]
     y.add_(torch.bmm(h.unsqueeze(1).to(b.dtype), b).squeeze(1).to(y.dtype))
 
@@ -107,9 +117,11 @@ def batched_shrink(x: Tensor, rows_pool: Tensor, plan: LoraPlan, upcast: bool) -
     [E] real entries in bag order (padded token slots and rank rows dropped). Shared by sgmv_lora and s2ft_row."""
     G, L, R = plan.num_groups, plan.group_len, plan.max_rank
     xs = x[plan.x_range[0]:plan.x_range[1]] if plan.x_range else x.index_select(0, plan.x_idx)
-    a = rows_pool.index_select(0, plan.a_rows)
+    a = rows_pool.index_select(0, plan.a_rows)  # reads the pool's bytes once, in its own dtype
     if upcast:
         xs, a = xs.float(), a.float()
+    elif a.dtype != xs.dtype:  # narrow pool: the gathered rows widened, the GEMM in x's dtype
+        a = a.to(xs.dtype)
     h = torch.bmm(xs.unflatten(0, (G, L)), a.view(G, R, -1).transpose(1, 2))  # [G, L, R]
     return h.view(-1) if plan.h_pos is None else h.view(-1).index_select(0, plan.h_pos)
 
@@ -120,6 +132,8 @@ def batched_expand(y: Tensor, rows_pool: Tensor, w: Tensor, plan: LoraPlan) -> N
     # ATen op directly (F.embedding_bag adds ~10 us of Python checks); args: weight, indices, offsets,
     # scale_grad_by_freq, mode=0 (sum), sparse, per_sample_weights, include_last_offset, padding_idx.
     out = torch.embedding_bag(rows_pool, plan.bag_rows, plan.bag_offsets, False, 0, False, w, False, None)[0]
+    if out.dtype != y.dtype:  # a narrow pool's delta
+        out = out.to(y.dtype)
     if plan.y_range:
         y[plan.y_range[0]:plan.y_range[1]].add_(out)
     else:

@@ -71,12 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="adapter pools (hotswap serve --lora-dtype)")
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"], help="base weights (hotswap serve --quantization)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no compiled decode step for base-only steps either")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_tokens=16384))
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, lora_dtype=args.lora_dtype, quantization=args.quantization,
+                                    enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, kv_cache_tokens=16384))
     targets = args.targets.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_random_adapters(Path(tmp), engine.model.config, args.adapters, args.rank, targets, args.seed)
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [rng.integers(100, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
     lora = zipf_choices(sorted(dirs), args.requests, args.zipf, args.seed)
     base = [None] * args.requests
-    print(f"model {engine.model_name} ({args.dtype}), torch threads {torch.get_num_threads()}; {args.requests} requests x "
+    print(f"model {engine.model_name} ({args.dtype}, base {engine.quantization}, LoRA pools {engine.lora_dtype_name}, "
+          f"decode fast path: {engine.runner.graphs.describe() if engine.runner.graphs else 'eager'}), torch threads {torch.get_num_threads()}; {args.requests} requests x "
           f"{args.prompt_len} prompt + {args.max_tokens} generated tokens, {args.max_num_seqs} running at a time")
     print(f"adapters: {args.adapters} x rank {args.rank} on {','.join(targets)}, Zipf a={args.zipf}: "
           f"{len(set(lora))} distinct adapters in the load, adapter pools {engine.adapters.pool_bytes / 2**20:.0f} MiB")

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="decode steps profiled")
-    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"])
     ap.add_argument("--rows", type=int, default=20, help="ops listed")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -13,6 +13,7 @@ class EngineConfig:
     served_model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N (server.engine.device)
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    lora_dtype: str = "auto"  # auto (bfloat16 on the CPU, the model's dtype on CUDA) | float32 | bfloat16 | float16: LoRA pools
     quantization: str = "auto"  # auto | none | int8 | int4 (server.models.quantize)
     quant_group_size: int = 32  # int4 group width (input columns per scale/zero)
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> PEFT directory

@@ -69,7 +69,7 @@ def adapter_dirs(model_dir, tmp_path_factory) -> dict[str, Path]:
 def _engine(model_dir, adapter_dirs):
     from server.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters=dict(adapter_dirs), kv_cache_tokens=8192, served_model_name="smollm2"))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters=dict(adapter_dirs), kv_cache_tokens=8192, served_model_name="smollm2"))
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,8 @@ def test_budget_smaller_than_the_working_set_evicts_and_every_request_is_correct
     from server.engine.llm_engine import LLMEngine
 
     # room for about two of the six adapters at a time (r8-all sizes the pools: all seven modules)
-    small = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, max_num_seqs=4))
-    row_bytes_all = sum(d_in + d_out for d_in, d_out in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]) * 4 * 30
+    small = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, max_num_seqs=4))
+    row_bytes_all = sum(d_in + d_out for d_in, d_out in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]) * small.adapters.spaces["lora"].dtype.itemsize * 30
     small.adapters.budget_bytes = 40 * row_bytes_all
     jobs = [(f"Request {i}: tell me something", host_weights[NAMES[i % len(NAMES)]]) for i in range(8)]
     got = _run(small, jobs)

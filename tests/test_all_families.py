@@ -28,7 +28,7 @@ def test_every_family_and_base_in_one_batch_equal_each_alone(model_dir, adapter_
     from tests.conftest import LiveServer
 
     cfg = ModelConfig.from_dir(model_dir)
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=8192, served_model_name="base"))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=8192, served_model_name="base"))
     service = build_adapter_service(engine, str(tmp_path / "store"), None, tmp_path / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, adapter_service=service)) as srv:
         http = httpx.Client(base_url=srv.base_url, timeout=120)

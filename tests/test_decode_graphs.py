@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Th
 @pytest.fixture(scope="module")
 def engines(model_dir, adapter_dirs):
     def make():
-        engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters=dict(adapter_dirs), kv_cache_tokens=2048, max_num_seqs=8))
+        engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters=dict(adapter_dirs), kv_cache_tokens=2048, max_num_seqs=8))
         cfg = engine.model.config
         engine.adapters.add(engine.parse_adapter(s2ft_files(cfg, torch.Generator().manual_seed(0), fraction=0.05), "s2"))
         return engine

@@ -56,7 +56,7 @@ class DevicePlacement(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def host_engine(model_dir):
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=256))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=256))
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def dora_dirs(model_dir, tmp_path_factory):
 def dora_engine(model_dir, dora_dirs):
     from server.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters=dict(dora_dirs), kv_cache_tokens=2048))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters=dict(dora_dirs), kv_cache_tokens=2048))
 
 
 def _hf(model_dir, adapter_dir):
@@ -245,7 +245,7 @@ def test_biased_model_dora_equals_transformers_peft(model_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model_dir / name, base_dir / name)
     adapter = make_dora_adapter(base_dir, tmp_path / "d", seed=1, targets=list(ADAPTER_MODULES), r=4, lora_alpha=8)
-    engine = LLMEngine(EngineConfig(quantization="none", model=base_dir, adapters={"d": adapter}, kv_cache_tokens=512))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=base_dir, adapters={"d": adapter}, kv_cache_tokens=512))
     oracle = _hf(base_dir, adapter)
     ids = [1, 520, 9531, 198, 4093, 314, 260, 3575, 282]
     with torch.no_grad(), DoraCaching():
@@ -349,7 +349,7 @@ def test_upload_detects_dora_and_serves_it_over_http(model_dir, dora_dirs, dora_
     from server.api.app import build_app
     from server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=1024, served_model_name="smollm2"))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=1024, served_model_name="smollm2"))
     service = build_adapter_service(engine, str(tmp_path / "store"), None, tmp_path / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, api_key="admin", adapter_service=service)) as srv:
         admin = httpx.Client(base_url=srv.base_url, headers={"Authorization": "Bearer admin"}, timeout=120)

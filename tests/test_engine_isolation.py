@@ -29,7 +29,7 @@ def small_engine(model_dir, adapter_dirs):
     from server.engine.llm_engine import LLMEngine
 
     adapters = {k: adapter_dirs[k] for k in ("r4-qv", "r8-all")}
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters=adapters, kv_cache_tokens=512, served_model_name="smollm2"))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters=adapters, kv_cache_tokens=512, served_model_name="smollm2"))
 
 
 def place_static(engine, weights) -> None:

@@ -389,7 +389,7 @@ def server(model_dir, tmp_path_factory):
     from server.engine.llm_engine import LLMEngine
     from tests.conftest import LiveServer
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=2048, max_lora_rank=MAX_RANK))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=2048, max_lora_rank=MAX_RANK))
     root = tmp_path_factory.mktemp("hostile-adapters")
     service = build_adapter_service(engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, api_key=ADMIN, adapter_service=service)) as srv:

@@ -18,7 +18,7 @@ def small_engine(model_dir, adapter_dirs):
     from server.engine.llm_engine import LLMEngine
 
     # 12 blocks of 16 tokens: room for about three of the requests below at a time
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={k: adapter_dirs[k] for k in ("r4-qv", "r8-all")}, kv_cache_tokens=192, max_num_batched_tokens=64))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={k: adapter_dirs[k] for k in ("r4-qv", "r8-all")}, kv_cache_tokens=192, max_num_batched_tokens=64))
 
 
 def test_requests_beyond_the_kv_budget_queue_and_all_complete(small_engine):

@@ -41,7 +41,7 @@ def test_tiny_checkpoint_matches_transformers(family, model_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model_dir / name, tmp_path / name)
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=tmp_path, kv_cache_tokens=512))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=tmp_path, kv_cache_tokens=512))
     ids = [1, 520, 9531, 198, 4093, 314, 260, 3575, 282]
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

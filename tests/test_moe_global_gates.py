@@ -123,7 +123,7 @@ def mole_engine(model_dir, adapter_dirs, mole_files, tmp_path_factory):
         "sig": write(make_mixlora(cfg, "sigmoid", E, seed=6)[0], tmp / "sig"),
         "lora": adapter_dirs["r8-all"],
     }
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters=adapters, kv_cache_tokens=4096))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters=adapters, kv_cache_tokens=4096))
 
 
 # -- the fast hook against its readable reference, on one real layer ------------------------------
@@ -351,7 +351,7 @@ def test_aborted_sequences_leave_no_running_sums(mole_engine):
 def test_chunked_prefill_equals_unchunked(mole_engine, model_dir, mole_files, tmp_path):
     from server.engine.llm_engine import LLMEngine
 
-    chunked = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"mole": write(mole_files[0], tmp_path / "mole")}, kv_cache_tokens=1024,
+    chunked = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"mole": write(mole_files[0], tmp_path / "mole")}, kv_cache_tokens=1024,
                                      max_num_batched_tokens=3))  # fmt: skip
     ids = chunked.tokenizer(PROMPTS[1])["input_ids"]
     assert len(ids) > 3
@@ -368,7 +368,7 @@ def test_chunked_prefill_equals_unchunked(mole_engine, model_dir, mole_files, tm
 def test_preempted_sequences_recompute_their_running_sums(mole_engine, model_dir, mole_files, tmp_path):
     from server.engine.llm_engine import LLMEngine
 
-    small = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"mole": write(mole_files[0], tmp_path / "mole")}, kv_cache_tokens=96,
+    small = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"mole": write(mole_files[0], tmp_path / "mole")}, kv_cache_tokens=96,
                                    max_num_batched_tokens=32))  # fmt: skip
     prompts = ["Once upon a time", "The capital of France is", "def add(a, b):", "Hello there, how are", "One two three four"]
     # 6 blocks of 16 tokens; each sequence grows to 3 blocks: running ones get preempted as they grow

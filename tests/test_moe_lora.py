@@ -88,7 +88,7 @@ def test_routed_experts_equal_the_dense_reference(model_dir, tmp_path, routing, 
     from server.models.config import ModelConfig
 
     files, tensors = make_mixlora(ModelConfig.from_dir(model_dir), routing, top_k)
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"moe": write(files, tmp_path / "moe")}, kv_cache_tokens=2048))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"moe": write(files, tmp_path / "moe")}, kv_cache_tokens=2048))
     hf = reference_model(model_dir, tensors, routing, top_k)
     for prompt in PROMPTS:
         ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -107,7 +107,7 @@ def test_experts_lora_and_base_in_one_batch_equal_each_alone(model_dir, adapter_
 
     files, _ = make_mixlora(ModelConfig.from_dir(model_dir), "top_k", 2, seed=1)
     files1, _ = make_mixlora(ModelConfig.from_dir(model_dir), "top_k", 1, seed=2)
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, adapters={
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, adapters={
         "moe": write(files, tmp_path / "moe"), "mole": write(files1, tmp_path / "mole"), "lora": adapter_dirs["r8-all"],
     }))
     jobs = [(p, a) for p in PROMPTS for a in ("moe", "lora", None, "mole")]

@@ -75,7 +75,7 @@ def test_bfloat16_engine_tracks_float32(model_dir, adapter_dirs, engine):
     from server.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
 
-    bf16 = LLMEngine(EngineConfig(quantization="none", model=model_dir, dtype="bfloat16", adapters={"r8-all": adapter_dirs["r8-all"]}, kv_cache_tokens=1024))
+    bf16 = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, dtype="bfloat16", adapters={"r8-all": adapter_dirs["r8-all"]}, kv_cache_tokens=1024))
     chat = bf16.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
     ids = bf16.tokenizer(chat, add_special_tokens=False)["input_ids"]
     assert "Paris" in bf16.tokenizer.decode(_run_alone(bf16, ids, None, max_tokens=10))

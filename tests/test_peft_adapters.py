@@ -133,4 +133,4 @@ def test_server_refuses_to_start_with_a_malformed_adapter(model_dir, broken):
 
     (broken / "adapter_config.json").write_text("[]")
     with pytest.raises(AdapterError, match="JSON object"):
-        LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"bad": broken}, kv_cache_tokens=256))
+        LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"bad": broken}, kv_cache_tokens=256))

@@ -68,7 +68,7 @@ def rec_server(model_dir, adapter_dirs, tmp_path_factory):
     from tests.conftest import LiveServer
 
     root = tmp_path_factory.mktemp("reclora")
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, served_model_name="smollm2"))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, served_model_name="smollm2"))
     service = build_adapter_service(engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, adapter_service=service)) as srv:
         srv.http = httpx.Client(base_url=srv.base_url, timeout=120)

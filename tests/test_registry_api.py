@@ -25,7 +25,7 @@ ADMIN = "admin-secret"
 def reg_engine(model_dir):
     from server.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, max_lora_rank=32, served_model_name="smollm2"))
+    return LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, max_lora_rank=32, served_model_name="smollm2"))
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def _greedy(client, model, prompt="Once upon a time", n=10):
 def test_store_outage_serves_cached_adapters_and_recovers(s3, aws_env, model_dir, adapter_dirs, tmp_path):
     from server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=2048))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=2048))
     service = build_adapter_service(engine, f"s3://{s3.bucket}/outage", s3.endpoint, tmp_path / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, api_key=ADMIN, adapter_service=service)) as srv:
         admin = httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
@@ -126,7 +126,7 @@ def test_device_budget_smaller_than_the_working_set(s3, aws_env, model_dir, adap
 
     names = ["r4-qv", "r8-all", "r16-attn", "r2-mlp", "r12-ko"]
     row_bytes = 10176 * 4 * 30  # all seven modules of SmolLM2-135M, float32, 30 layers
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, adapter_memory_bytes=24 * row_bytes))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, adapter_memory_bytes=24 * row_bytes))
     service = build_adapter_service(engine, f"s3://{s3.bucket}/evict", s3.endpoint, tmp_path / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, api_key=ADMIN, adapter_service=service)) as srv:
         admin = httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)

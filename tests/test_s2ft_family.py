@@ -65,7 +65,7 @@ def test_s2ft_adapter_reproduces_the_finetuned_model(s2ft_case, model_dir):
     from server.engine.llm_engine import LLMEngine
 
     ft, adapter, _ = s2ft_case
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"s2": adapter}, kv_cache_tokens=2048))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"s2": adapter}, kv_cache_tokens=2048))
     hf = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
     base_differs = False
     for prompt in PROMPTS:
@@ -86,7 +86,7 @@ def test_mixed_batch_of_s2ft_lora_and_base_equals_each_alone(s2ft_case, model_di
     from server.engine.llm_engine import LLMEngine
 
     _, adapter, _ = s2ft_case
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"s2": adapter, "lora": adapter_dirs["r8-all"], "lora2": adapter_dirs["r4-qv"]}, kv_cache_tokens=4096))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"s2": adapter, "lora": adapter_dirs["r8-all"], "lora2": adapter_dirs["r4-qv"]}, kv_cache_tokens=4096))
     jobs = [(p, a) for p in PROMPTS for a in ("s2", "lora", None, "lora2")]
 
     def run(batch):
@@ -103,7 +103,7 @@ def test_s2ft_upload_is_detected_and_served(s2ft_case, model_dir, tmp_path):
     from tests.conftest import LiveServer
 
     _, adapter, _ = s2ft_case
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=2048))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=2048))
     service = build_adapter_service(engine, str(tmp_path / "store"), None, tmp_path / "cache", 1 << 30, 1 << 30)
     with LiveServer(build_app(engine, adapter_service=service)) as srv:
         c = httpx.Client(base_url=srv.base_url, timeout=60)

@@ -43,7 +43,7 @@ def encoder():
 def server(model_dir, adapter_dirs, encoder, tmp_path_factory):
     from server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, max_lora_rank=MAX_RANK, served_model_name="smollm2"))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, max_lora_rank=MAX_RANK, served_model_name="smollm2"))
     root = tmp_path_factory.mktemp("sglora-registry")
     service = build_adapter_service(engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
     app = build_app(engine, api_key=ADMIN, adapter_service=service)

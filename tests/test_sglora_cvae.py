@@ -206,7 +206,7 @@ def test_a_damaged_artifact_is_refused(fitted, cfg):
 def server(model_dir, encoder, synthetic, tmp_path_factory):
     from server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, max_lora_rank=32, served_model_name="smollm2"))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=4096, max_lora_rank=32, served_model_name="smollm2"))
     root = tmp_path_factory.mktemp("cvae-registry")
     service = build_adapter_service(engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
     app = build_app(engine, api_key=ADMIN, adapter_service=service)

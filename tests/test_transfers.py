@@ -52,7 +52,7 @@ class HeldTransfers(SyncTransfers):
 
 @pytest.fixture
 def held(model_dir, adapter_dirs):
-    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=2048))
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, kv_cache_tokens=2048))
     transfers = engine.adapters.transfers = HeldTransfers()
     weights = {name: engine.parse_adapter(read_adapter_files(adapter_dirs[name], name), name) for name in ("r8-all", "r16-attn")}
     return engine, transfers, weights
@@ -82,7 +82,7 @@ def test_a_loading_adapter_waits_while_other_requests_decode(held, model_dir, ad
     while engine.has_work():
         engine.step()
     assert engine.adapters.get("r8-all").loading is None
-    reference = LLMEngine(EngineConfig(quantization="none", model=model_dir, adapters={"r8-all": adapter_dirs["r8-all"]}, kv_cache_tokens=2048))
+    reference = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=model_dir, adapters={"r8-all": adapter_dirs["r8-all"]}, kv_cache_tokens=2048))
     assert tuned.output_token_ids == greedy_outputs(reference, [("The capital of France is", "r8-all")], 6)[0]
     assert base.output_token_ids == greedy_outputs(reference, [("The capital of France is", None)], 6)[0]
 

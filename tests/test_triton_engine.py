@@ -59,7 +59,7 @@ def sliced(model_dir, tmp_path_factory):
 
 
 def _serve(base, lora, kernels: str) -> list[list[int]]:
-    engine = LLMEngine(EngineConfig(quantization="none", model=base, adapters={"lora": lora}, kernels=kernels, kv_cache_tokens=512,
+    engine = LLMEngine(EngineConfig(quantization="none", lora_dtype="float32", model=base, adapters={"lora": lora}, kernels=kernels, kv_cache_tokens=512,
                                     max_num_batched_tokens=64, max_num_seqs=8))
     cfg, dtype = engine.model.config, engine.model.dtype
     engine.adapters.add(engine.parse_adapter(s2ft_files(cfg, torch.Generator().manual_seed(0), fraction=0.05), "s2"))

@@ -92,6 +92,19 @@ def test_bgmv_and_sgmv_agree_on_the_same_plan_with_ranks_above_one_tile(dtype: t
         assert_close(y, y_ref, b.y)
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bf16_pools_under_float32_activations(shape: str) -> None:
+    """--lora-dtype bfloat16 with a float32 model: the kernels widen the rows they read."""
+    num_seqs, tokens = SHAPES[shape]
+    b = lora_cases.make_batch("zipf:1.5", num_seqs, tokens, ranks=RANKS, base_frac=0.2, d_in=40, d_out=72, seed=7)
+    a16, b16 = b.lora_a.bfloat16(), b.lora_b.bfloat16()
+    y_ref, y_tri = b.y.clone(), b.y.clone()
+    sgmv_lora_reference(y_ref, b.x, a16, b16, b.plan)
+    triton_lora.sgmv_lora_triton(y_tri, b.x, a16, b16, b.plan)
+    assert y_tri.dtype == torch.float32
+    torch.testing.assert_close(y_tri, y_ref, **lora_cases.tolerances(torch.bfloat16, y_ref - b.y))
+
+
 @DTYPES
 @pytest.mark.parametrize("rank", [64, 128, 256])
 @pytest.mark.parametrize("path", ["bgmv", "sgmv"])

@@ -56,6 +56,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_lora_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """dtype the LoRA pools are stored in (vLLM's --lora-dtype). `auto`: bfloat16 on the CPU, where a
+    decode step over many adapters reads their pools from memory and bandwidth is the limit (half the
+    bytes; the GEMMs still run in the model's dtype, accumulating in float32: kernels.lora); the
+    model's dtype elsewhere."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"--lora-dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 

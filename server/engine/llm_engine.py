@@ -17,7 +17,7 @@ from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.compiled_decode import CompiledDecode, compile_disabled
 from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
-from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype
+from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype, resolve_lora_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine_thread import EngineThread
 from server.engine.model_runner import ModelRunner, StepResult
@@ -88,6 +88,8 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
         self.dtype_name = dtype_name(dtype)
+        lora_dtype = resolve_lora_dtype(config.lora_dtype, self.device, dtype)
+        self.lora_dtype_name = dtype_name(lora_dtype)
         mcfg = ModelConfig.from_dir(self.model_dir)
         positions = min(config.max_model_len or 10**9, mcfg.max_position_embeddings)
         t0 = time.perf_counter()
@@ -109,7 +111,7 @@ class LLMEngine:
             t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
         )
 
-        self.adapters = AdapterManager(self.model, config.adapter_memory_bytes, device=self.device,
+        self.adapters = AdapterManager(self.model, config.adapter_memory_bytes, device=self.device, lora_dtype=lora_dtype,
                                        transfers=transfers_for(self.device), preallocate=self.device.type == "cuda")
         self.static_adapters: set[str] = set()  # --adapter / --adapters-dir: pinned, usable by every caller
         for name, path in self._adapter_sources().items():

@@ -258,18 +258,24 @@ def parse_mixlora(files: dict[str, bytes], name: str, model_cfg: ModelConfig, dt
 
 class _ExpertRows:
     """One adapter's experts in one layer, as ExpertsStep uses them: views of its rows of the MLP's LoRA
-    pools (None where a module has no pools); front_t = [W_r;] A_G; A_U stacked and transposed (d, F)
+    pools (copies in the model's dtype where the pools are stored narrower; None where a module has no pools); front_t = [W_r;] A_G; A_U stacked and transposed (d, F)
     for the one shrink GEMM (router rows only when `fused`: float32 serving; else router_t, the router
     in float32); global_t (d, E) and global_b (E,), MoLE's global gates, if the adapter has them."""
 
-    __slots__ = ("router", "key", "gate_b", "up_b", "down_a", "down_b", "front_t", "router_t", "global_t", "global_b")
+    __slots__ = ("router", "key", "held", "gate_b", "up_b", "down_a", "down_b", "front_t", "router_t", "global_t", "global_b")
 
     def __init__(self, weights: MoELoraWeights, layer: int, key: tuple, tensors: tuple, start: int, fused: bool):
         rows = slice(start, start + weights.num_experts * weights.expert_rank)
         ga, gb, ua, ub, da, db = tensors
         self.router, self.key = weights.routers[layer], key
-        self.gate_b, self.up_b, self.down_a, self.down_b = (None if t is None else t[rows] for t in (gb, ub, da, db))
-        parts = ([self.router] if fused else []) + [a[rows] for a, b in ((ga, gb), (ua, ub)) if a is not None and b is not None]
+        self.held = tensors  # the pools, alive while the key names them (their ids are in it)
+        dtype = self.router.dtype  # the model's: pools stored narrower (--lora-dtype) are widened once, here
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t[rows] if t.dtype == dtype else t[rows].to(dtype)
+
+        self.gate_b, self.up_b, self.down_a, self.down_b = (None if t is None else own(t) for t in (gb, ub, da, db))
+        parts = ([self.router] if fused else []) + [own(a) for a, b in ((ga, gb), (ua, ub)) if a is not None and b is not None]
         self.front_t = torch.cat(parts).T.contiguous() if parts else None
         self.router_t = None if fused else self.router.float().T.contiguous()
         w_g, b_g = weights.global_gates.get(layer, (None, None))

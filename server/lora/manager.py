@@ -121,7 +121,8 @@ class SpacePools:
 
 class AdapterManager:
     def __init__(self, model: LlamaForCausalLM, budget_bytes: int | None = None, initial_units: int = 256,
-                 device: torch.device | str = "cpu", transfers: Transfers | None = None, preallocate: bool = False):
+                 device: torch.device | str = "cpu", transfers: Transfers | None = None, preallocate: bool = False,
+                 lora_dtype: torch.dtype | None = None):
         self.model = model
         self.dtype = model.dtype
         self.device = torch.device(device)
@@ -129,7 +130,11 @@ class AdapterManager:
         self.budget_bytes = budget_bytes  # None: grow without limit
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self._targets = [layer.adapter_targets() for layer in model.layers]
-        self.spaces = {name: SpacePools(space, self.dtype, initial_units, self.device) for name, space in SPACES.items()}
+        # The LoRA space's pools may be stored narrower than the model (--lora-dtype); the kernels compute in
+        # the model's dtype. The other spaces' pools are in the model's dtype.
+        pool_dtypes = {"lora": lora_dtype or self.dtype}
+        self.spaces = {name: SpacePools(space, pool_dtypes.get(name, self.dtype), initial_units, self.device)
+                       for name, space in SPACES.items()}
         self.evictions = self.hits = self.misses = 0
         self.keep_host_rows = self.device.type == "cuda"  # pinned rows stay with the weights for the next load
         if preallocate and budget_bytes is not None:
@@ -212,17 +217,17 @@ class AdapterManager:
         """(layer, module) -> pool name -> the adapter's unit range of that pool, laid out in host memory
         by its family (scales folded in), pinned for the transfer stream. Kept with the weights on CUDA."""
         rows = getattr(weights, "host_rows", None)
-        if rows is not None and rows[0] == self.dtype:
+        if rows is not None and rows[0] == space.dtype:
             return rows[1]
         out = {}
         for layer, module in weights.modules:
             slot = self._targets[layer][module].slots[module]
             host = {name: torch.zeros((weights.units, *tail), dtype=dtype)
-                    for name, (tail, dtype) in space.space.pools(slot.d_in, slot.d_out, self.dtype).items()}
-            weights.write_into(host, layer, module, 0, self.dtype)
+                    for name, (tail, dtype) in space.space.pools(slot.d_in, slot.d_out, space.dtype).items()}
+            weights.write_into(host, layer, module, 0, space.dtype)
             out[(layer, module)] = {name: self.transfers.pin(t) for name, t in host.items()}
         if self.keep_host_rows and hasattr(weights, "host_rows"):
-            weights.host_rows = (self.dtype, out)
+            weights.host_rows = (space.dtype, out)
         return out
 
     def _copy_in(self, space: SpacePools, rows: dict, start: int, units: int) -> None:
