@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.lora_plan import LoraPlan, make_bgmv_plan, make_lora_plan
+from kernels import cpu_lora
+from kernels.lora_plan import LONG_SEGMENT_TOKENS, LoraPlan, make_bgmv_plan, make_lora_plan
 
 __all__ = ["LoraPlan", "make_bgmv_plan", "make_lora_plan", "sgmv_lora", "sgmv_lora_reference"]
 
@@ -80,6 +81,8 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
     if plan.path == "bgmv":
         bgmv_lora(y, x, lora_a, lora_b, plan, upcast)
         return
+    if _cpu_short_segments(y, x, lora_a, lora_b, plan):
+        return
     widen = lora_a.dtype != x.dtype and not upcast  # narrow pools: each segment's rows widened as read
     for s, e, o, r in plan.loop_segs:
         a, b = lora_a[o:o + r], lora_b[o:o + r]  # views: no weight copy
@@ -94,6 +97,29 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
         return
     w = batched_shrink(x, lora_a, plan, upcast)
     batched_expand(y, lora_b, w.to(lora_b.dtype) if w.dtype != lora_b.dtype else w, plan)
+
+
+def _cpu_short_segments(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan) -> bool:
+    """The CPU fast path, where the C++ op is built and the layout fits it: long segments as GEMMs on
+    pool views, every short one in one call of the op. False: nothing done, the ATen path runs."""
+    if not (x.is_cpu and x.dtype == torch.float32 and y.dtype == torch.float32 and x.stride(1) == 1 and y.stride(1) == 1
+            and lora_a.dtype in (torch.float32, torch.bfloat16) and lora_a.is_contiguous() and lora_b.is_contiguous()
+            and max(r for *_, r in plan.lora_segs) <= 256):
+        return False
+    op = cpu_lora.get()
+    if op is None:
+        return False
+    if plan.cpu_segs is None:
+        plan.cpu_segs = torch.tensor([sg for sg in plan.lora_segs if sg[1] - sg[0] < LONG_SEGMENT_TOKENS], dtype=torch.long).view(-1, 4)
+    for s, e, o, r in plan.lora_segs:
+        if e - s >= LONG_SEGMENT_TOKENS:  # a prefill-sized segment: one GEMM pair
+            a, b = lora_a[o:o + r], lora_b[o:o + r]
+            if a.dtype != x.dtype:
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            y[s:e].addmm_(x[s:e] @ a.T, b)
+    if plan.cpu_segs.numel():
+        op(y, x, lora_a, lora_b, plan.cpu_segs)
+    return True
 
 
 def bgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan, upcast: bool) -> None:

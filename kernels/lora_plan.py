@@ -72,6 +72,9 @@ class LoraPlan:
     # Device metadata of the Triton kernels (kernels.triton.lora.plan_meta), built on first use and
     # cached here so every (layer, module) call of the step reuses one host->device copy.
     triton_meta: object = field(default=None, repr=False)
+    # The C++ CPU op's (kernels.cpu_lora) segment table: [S, 4] int64 (tok_start, tok_end, row_start,
+    # rank) of the short segments, built on first use and reused by every module of the step.
+    cpu_segs: Tensor | None = field(default=None, repr=False)
     # --- bgmv path ---
     tok_row: Tensor | None = field(default=None, repr=False)  # [T] first pool row of each token's adapter, -1 = none
     tok_rank: Tensor | None = field(default=None, repr=False)  # [T] its rank (max_rank bounds them all)

@@ -15,6 +15,19 @@ MIXED_RANKS = [4, 8, 16, 64]
 PATTERNS = ["distinct", "uniform", "zipf:1.5", "identical", "skewed"]
 
 
+@pytest.fixture(autouse=True, params=["cpp", "aten"])
+def cpu_path(request, monkeypatch):
+    """Every test here runs twice on the CPU: through the C++ LoRA op (kernels.cpu_lora) and through
+    the ATen path that serves where it cannot be built."""
+    from kernels import cpu_lora
+
+    if request.param == "aten":
+        monkeypatch.setitem(cpu_lora._state, "op", None)
+    elif cpu_lora.get() is None:
+        pytest.skip("the C++ LoRA op could not be built here (see test_cpu_lora_op_builds_where_a_compiler_is)")
+    return request.param
+
+
 @dataclass
 class Batch:
     x: torch.Tensor
@@ -228,3 +241,35 @@ def test_pool_too_small_for_plan_rows_raises() -> None:
     plan = make_lora_plan([0, 4], [8], [16])  # needs rows 8..23
     with pytest.raises(ValueError):
         sgmv_lora(torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(20, 8), torch.zeros(20, 8), plan)
+
+
+def test_cpu_lora_op_builds_where_a_compiler_is(cpu_path):
+    import shutil
+
+    from kernels import cpu_lora
+
+    if cpu_path == "cpp":
+        assert shutil.which("c++") is None or cpu_lora.get() is not None
+
+
+@pytest.mark.parametrize("rows", [1, 33, 70])
+def test_cpu_op_chunks_long_segments_and_skips_padding(rows, cpu_path):
+    """Segments of any length (in chunks of 32 tokens inside the op) and (0, 0, 0, 0) padding rows."""
+    from kernels import cpu_lora
+
+    op = cpu_lora.get()
+    if op is None or cpu_path == "aten":
+        pytest.skip("the C++ op itself")
+    g = torch.Generator().manual_seed(rows)
+    x, a, b = torch.randn(rows + 3, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, 56, generator=g)
+    y0 = torch.randn(rows + 3, 80, generator=g)
+    seg = torch.tensor([[0, 0, 0, 0], [2, 2 + rows, 5, 7], [0, 0, 0, 0], [2 + rows, 3 + rows, 12, 16]])
+    y = y0.clone()
+    op(y[:, 10:66], x, a, b, seg)  # a strided output slice, as a fused projection's
+    ref = y0.clone()
+    plan = make_lora_plan([0, 2, 2 + rows, 3 + rows, rows + 3], [-1, 5, 12, -1], [0, 7, 16, 0])
+    sgmv_lora_reference(ref[:, 10:66], x, a, b, plan)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for bad in ([[0, rows + 4, 0, 1]], [[0, 1, 39, 2]], [[0, 1, 0, 257]], [[1, 0, 0, 1]]):
+        with pytest.raises(RuntimeError, match="out of range"):
+            op(y[:, 10:66], x, a, b, torch.tensor(bad))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from kernels import cpu_lora
 from kernels.dispatch import select_kernels
 from kernels.quant import PACKED_MAX_ROWS, Int8Weight
 from kernels.w8a8 import INT_MM_FAST, ROWS_INT_MM
@@ -102,6 +103,11 @@ class LLMEngine:
         adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)
         self.kernels = describe_kernels(self.device, self.quantization, config.quant_group_size, adapter_kernels.name)
+        if self.device.type == "cpu" and dtype == torch.float32 and adapter_kernels.name == "torch":
+            # LoRA's segmented op in C++ (kernels.cpu_lora): built now (once per machine, ~20-60 s) or
+            # loaded from its cache, so that no request waits for it
+            self.kernels["adapters"] += ("; LoRA segments: C++ op (kernels/csrc/lora_cpu.cpp)" if cpu_lora.get() is not None
+                                         else "; LoRA segments: ATen (the C++ op could not be built)")
         self.kernels["attention"] = ("Triton paged decode + varlen prefill (kernels.triton.attention)" if adapter_kernels.name == "triton"
                                      else "torch SDPA over the gathered KV blocks (kernels.attention)")
         log.info("loaded %s on %s (%s, %d layers, base %s, %.0f MiB of weights) in %.1f s; kernels: %s", self.model_name, self.device,
