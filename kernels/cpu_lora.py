@@ -21,6 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+MAX_RANK = 256  # the op's rank limit (kMaxRank)
 _lock = threading.Lock()
 _state: dict = {}
 

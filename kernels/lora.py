@@ -104,7 +104,7 @@ def _cpu_short_segments(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, pl
     pool views, every short one in one call of the op. False: nothing done, the ATen path runs."""
     if not (x.is_cpu and x.dtype == torch.float32 and y.dtype == torch.float32 and x.stride(1) == 1 and y.stride(1) == 1
             and lora_a.dtype in (torch.float32, torch.bfloat16) and lora_a.is_contiguous() and lora_b.is_contiguous()
-            and max(r for *_, r in plan.lora_segs) <= 256):
+            and max(r for *_, r in plan.lora_segs) <= cpu_lora.MAX_RANK):
         return False
     op = cpu_lora.get()
     if op is None:

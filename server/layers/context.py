@@ -28,6 +28,9 @@ class ForwardContext:
     plans: dict[Any, dict[str, LoraPlan]] = field(default_factory=dict)
     # per-step work of adapters beyond the plans, called by every decoder layer (server.families.base.StepHook)
     hooks: list[Any] = field(default_factory=list)
+    # the compiled CPU decode step's LoRA (server.engine.compiled_decode), instead of plans: module name ->
+    # [S, 4] int64 segment table (tok_start, tok_end, row_start, rank) for the C++ op (kernels.cpu_lora)
+    lora_segs: dict[str, torch.Tensor] | None = None
 
 
 def prefill_context(slot_mapping: torch.Tensor, block_table: list[int], plans: dict | None = None) -> ForwardContext:

@@ -70,6 +70,9 @@ class AdaptedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = self.base(x)
+        if ctx.lora_segs is not None:
+            self._lora_segments(y, x, ctx.lora_segs)
+            return y
         if not ctx.plans:
             return y
         for slot in self.active:
@@ -82,3 +85,12 @@ class AdaptedLinear(torch.nn.Module):
                     out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
                 space.apply(out, x, slot, plan, self)
         return y
+
+    def _lora_segments(self, y: torch.Tensor, x: torch.Tensor, segs: dict[str, torch.Tensor]) -> None:
+        """The compiled CPU decode step's LoRA deltas (server.engine.compiled_decode): each logical module's
+        segments in one call of the C++ op, which torch.compile keeps as an opaque in-place call."""
+        for slot in self.slots.values():
+            a = slot.pools.get("lora_a")
+            if a is not None:
+                out = y if len(self.slots) == 1 else y[:, slot.out_start : slot.out_end]
+                torch.ops.hotswap.lora_segments(out, x, a, slot.pools["lora_b"], segs[slot.name])

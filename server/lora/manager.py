@@ -140,12 +140,18 @@ class AdapterManager:
         if preallocate and budget_bytes is not None:
             self._preallocate("lora", budget_bytes)
 
-    def _preallocate(self, space_name: str, budget_bytes: int) -> None:
-        """Every module's pools of a space, as many units as the budget buys over all of them."""
+    def pools_everywhere(self, space_name: str) -> None:
+        """Give every module the pools of a space now, rather than when a first adapter targets it: a
+        compiled step's code then never changes as adapters come (server.engine.compiled_decode)."""
         space = self.spaces[space_name]
         for targets in self._targets:
             for module, lin in targets.items():
                 space.ensure_pools(lin.slots[module], lin)
+
+    def _preallocate(self, space_name: str, budget_bytes: int) -> None:
+        """Every module's pools of a space, as many units as the budget buys over all of them."""
+        space = self.spaces[space_name]
+        self.pools_everywhere(space_name)
         units = budget_bytes // max(1, space.unit_bytes)
         if units > space.units.capacity:
             space.grow(units)
