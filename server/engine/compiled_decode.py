@@ -117,7 +117,7 @@ class CompiledDecode:
         tables: dict[str, list[int]] = {module: [] for module in ADAPTER_MODULES}
         for t0, t1, key in zip(layout.seg_indptr, layout.seg_indptr[1:], layout.seg_keys):
             if key[0] == self.lora_space:
-                for module in key[3]:
+                for module in key[3] & tables.keys():
                     tables[module] += (t0, t1, key[1], key[2])
         for table in tables.values():
             table += [0] * max(0, 8 - len(table))
