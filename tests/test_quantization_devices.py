@@ -33,7 +33,7 @@ from server.models.quantize import describe_kernels, quantize_model, resolve_qua
 META = torch.device("meta")
 ULP = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # relative; fp32: sums in another order
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-NO_PLANS = SimpleNamespace(plans={}, hooks=[])  # what AdaptedLinear reads of a ForwardContext: no adapter in the step
+NO_PLANS = SimpleNamespace(plans={}, hooks=[], lora_segs=None)  # what AdaptedLinear reads of a ForwardContext: no adapter in the step
 
 
 def triton_quant():

@@ -264,12 +264,12 @@ class _ExpertRows:
 
     __slots__ = ("router", "key", "held", "gate_b", "up_b", "down_a", "down_b", "front_t", "router_t", "global_t", "global_b")
 
-    def __init__(self, weights: MoELoraWeights, layer: int, key: tuple, tensors: tuple, start: int, fused: bool):
+    def __init__(self, weights: MoELoraWeights, layer: int, key: tuple, tensors: tuple, start: int, fused: bool, dtype: torch.dtype):
         rows = slice(start, start + weights.num_experts * weights.expert_rank)
         ga, gb, ua, ub, da, db = tensors
         self.router, self.key = weights.routers[layer], key
         self.held = tensors  # the pools, alive while the key names them (their ids are in it)
-        dtype = self.router.dtype  # the model's: pools stored narrower (--lora-dtype) are widened once, here
+        # dtype: the model's; pools stored narrower (--lora-dtype) are widened to it once, here
 
         def own(t: torch.Tensor) -> torch.Tensor:
             return t[rows] if t.dtype == dtype else t[rows].to(dtype)
@@ -377,7 +377,8 @@ class ExpertsStep(StepHook):
             key = (m.expert_row_start, fused, router._version, versions)
             rows = m.weights.fronts.get(layer.layer_idx)
             if rows is None or rows.router is not router or rows.key != key:
-                rows = m.weights.fronts[layer.layer_idx] = _ExpertRows(m.weights, layer.layer_idx, key, tensors, m.expert_row_start, fused)
+                rows = m.weights.fronts[layer.layer_idx] = _ExpertRows(m.weights, layer.layer_idx, key, tensors, m.expert_row_start, fused,
+                                                                       layer.input_layernorm.weight.dtype)
             out.append(rows)
         return out, versions
 
