@@ -6,8 +6,9 @@ Storage: per (layer, module), two row pools.
 Batch: tokens grouped by adapter into segments seg_indptr[i]:seg_indptr[i+1], each with a
 row_start o_i (-1 = base model, no delta) and rank r_i (mixed ranks, no padding in storage).
 Pools may be stored narrower than the activations (bfloat16 pools under float32 activations,
-`--lora-dtype`): a decode step over many adapters is bound by reading their rows, so half the
-bytes is most of the gain, while the GEMMs still run in the activations' dtype.
+`--lora-dtype`): half the bytes to hold and to read in a step over many adapters, while the GEMMs
+still run in the activations' dtype. On the CPU, float32 activations take the C++ op
+(kernels.cpu_lora) where it is built: long segments stay GEMMs, the short ones one call of the op.
 """
 
 from __future__ import annotations
