@@ -1,11 +1,11 @@
 """The C++ segmented LoRA op for the CPU (kernels/csrc/lora_cpu.cpp), built once per machine.
 
-`get()` returns the op, torch.ops.hotswap.lora_segments, or None where it cannot be built (no C++ compiler, a torch
-without headers, HOTSWAP_CPU_LORA_OP=0): kernels.lora then runs its ATen path, the same semantics.
-The build takes ~20-60 s the first time and is cached under ~/.cache/hotswap/torch_extensions, keyed
-by the source, the torch version and the CPU's instruction sets (it is compiled with -march=native, so
-a build from another machine is never loaded). The engine calls get() at start-up, so no request pays
-for the build.
+`get()` returns the op, torch.ops.hotswap.lora_segments, or None where it cannot be built (no C++
+compiler, a torch without headers, HOTSWAP_CPU_LORA_OP=0): kernels.lora then runs its ATen path, the
+same semantics. The build takes ~20-60 s the first time and is cached under
+$HOTSWAP_HOME/torch_extensions (~/.cache/hotswap by default), keyed by the source, the torch version
+and the CPU's instruction sets (it is compiled with -march=native, so a build from another machine is
+never loaded). The engine calls get() at start-up, so no request pays for the build.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ _state: dict = {}
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("HOTSWAP_CACHE_DIR", Path.home() / ".cache" / "hotswap")) / "torch_extensions"
+    home = os.environ.get("HOTSWAP_HOME")  # as server.models.embedded.hotswap_home (kernels/ never imports server/)
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "hotswap") / "torch_extensions"
 
 
 def _build():
