@@ -86,10 +86,13 @@ def server_for(system: str, args, model_dir: Path, adapters: list[tuple[str, Pat
                "--disable-log-stats", "--uvicorn-log-level", "warning"]
         cmd += ["--lora-modules", *(f"{name}={path.resolve()}" for name, path in adapters)]
         cmd += shlex.split(args.vllm_args)
-        # vLLM's own CPU default, "auto": one OpenMP thread bound per core minus one core reserved for its
-        # busy-polling engine-core process. On 2 cores that is 1 compute thread, and it is still ~4x
-        # faster here than "nobind" with 2 threads (spin-wait contention with the engine core).
-        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "auto", "TOKENIZERS_PARALLELISM": "false"}
+        # vLLM at its best here: an OpenMP thread bound to every core. Its own default, "auto", reserves a
+        # core for the busy-polling engine-core process: 1 compute thread on 2 cores, 141 vs 199 tokens/s
+        # at 16 concurrent base-only requests (same box, one run each, docs/benchmarks.md); "nobind" with
+        # 2 threads was ~4x slower still (spin-wait contention with the engine core).
+        cores = os.cpu_count() or 1
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "OMP_NUM_THREADS": str(cores),
+               "TOKENIZERS_PARALLELISM": "false"}
         env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
         return ServerProcess("vllm", cmd, url, log, env=env, cwd=repo_root(), start_timeout=1800)
     if system == "naive":
