@@ -88,7 +88,9 @@ def test_steps_with_lora_adapters_compile_and_the_other_families_decode_eagerly(
         assert seen == []  # S²FT and routed experts (step hooks) decode eagerly
 
 
-def test_lora_steps_compile_once_as_adapters_come_and_pools_grow(float32):
+def test_lora_steps_compile_once_as_adapters_come_and_pools_grow(float32, tmp_path):
+    from tests.test_dora import make_dora_adapter
+
     eager, compiled, seen = float32
     if cpu_lora.get() is None:
         pytest.skip("the C++ LoRA op could not be built here")
@@ -98,6 +100,10 @@ def test_lora_steps_compile_once_as_adapters_come_and_pools_grow(float32):
     for engine in (eager, compiled):  # the pools of every module grow (a bigger dynamic size, same code)
         space = engine.adapters.spaces["lora"]
         space.grow(space.units.capacity + 64)
+    # an adapter of another pool space gives modules new pools (DoRA's here): the LoRA graph stays
+    dora = make_dora_adapter(compiled.model_dir, tmp_path / "dora", 0, ["q_proj", "v_proj", "down_proj"])
+    for engine in (eager, compiled):
+        engine.load_adapter("dora", dora)
     seen.clear()
     jobs = [(PROMPTS[3] * 2, "r16-attn"), *jobs, (PROMPTS[0], "rec")]
     assert greedy_outputs(compiled, jobs, 10) == greedy_outputs(eager, jobs, 10)

@@ -9,7 +9,9 @@ import torch
 from kernels import make_bgmv_plan, sgmv_lora, sgmv_lora_reference
 from server.config import EngineConfig
 from server.engine.device import resolve_lora_dtype
+from server.engine.sequence import SamplingParams, Sequence
 from server.models.config import ModelConfig
+from tests.conftest import greedy_outputs
 from tests.test_kernels import PATTERNS, make_batch
 from tests.test_moe_global_gates import engine_greedy
 from tests.test_moe_lora import make_mixlora, write
@@ -36,6 +38,28 @@ def test_auto_is_bfloat16_on_the_cpu_and_the_models_dtype_elsewhere():
         resolve_lora_dtype("int3", cpu, torch.float32)
 
 
+def test_the_cpu_lora_op_builds_where_a_compiler_is():
+    import shutil
+
+    from kernels import cpu_lora
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the ATen path serves (tests/test_kernels.py runs it)")
+    assert cpu_lora.get() is not None
+
+
+@pytest.fixture(params=["cpp", "aten"])
+def cpu_path(request, monkeypatch):
+    """The kernel tests below run through the C++ op and through the ATen path (its widening code)."""
+    from kernels import cpu_lora
+
+    if request.param == "aten":
+        monkeypatch.setitem(cpu_lora._state, "op", None)
+    elif cpu_lora.get() is None:
+        pytest.skip("the C++ LoRA op could not be built here")
+    return request.param
+
+
 def _delta_close(y: torch.Tensor, y_ref: torch.Tensor, y0: torch.Tensor) -> None:
     scale = max(float((y_ref - y0).abs().max()), 1e-6)
     err = float((y - y_ref).abs().max())
@@ -45,7 +69,7 @@ def _delta_close(y: torch.Tensor, y_ref: torch.Tensor, y0: torch.Tensor) -> None
 @pytest.mark.parametrize("tokens", [1, (1, 9)], ids=["decode", "prefill"])
 @pytest.mark.parametrize("num_seqs", [1, 3, 24])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_bf16_pools_under_float32_activations_match_the_reference(pattern, num_seqs, tokens):
+def test_bf16_pools_under_float32_activations_match_the_reference(pattern, num_seqs, tokens, cpu_path):
     """Every path the plan picks (loop, batched, loop+batched) reads the narrow pools correctly."""
     b = make_batch(pattern, num_seqs, tokens, d_in=48, d_out=40, seed=num_seqs)
     a16, b16 = b.lora_a.bfloat16(), b.lora_b.bfloat16()
@@ -59,7 +83,7 @@ def test_bf16_pools_under_float32_activations_match_the_reference(pattern, num_s
     _delta_close(y, y32, b.y)
 
 
-def test_bf16_pools_on_the_bgmv_path():
+def test_bf16_pools_on_the_bgmv_path(cpu_path):
     b = make_batch("uniform", 12, 1, d_in=48, d_out=40, seed=3)
     rows = torch.tensor([o for s, e, o in zip(b.plan.seg_indptr, b.plan.seg_indptr[1:], b.plan.seg_row_start) for _ in range(s, e)])
     ranks = torch.tensor([r for s, e, r in zip(b.plan.seg_indptr, b.plan.seg_indptr[1:], b.plan.seg_rank) for _ in range(s, e)])
@@ -98,6 +122,39 @@ def test_bf16_pools_keep_greedy_parity_with_transformers_peft(bf16_engine, model
         assert tokens == ref_tokens, f"{adapter}: {prompt!r}"
         err = (logits - ref_logits).abs().max().item()
         assert err < LOGIT_ATOL, f"{adapter}: {prompt!r}: max |logit diff| {err}"
+
+
+def test_weights_that_overflow_bf16_pools_are_refused_at_placement(bf16_engine, engine, adapter_dirs):
+    """3.4e38 is a float32 number but an infinity in bfloat16: the parse (in the model's float32) takes it,
+    the placement into bf16 pools refuses it (a request with it then fails alone, as any adapter that
+    cannot be placed); float32 pools hold it."""
+    from safetensors.torch import load, save
+
+    from server.errors import InvalidAdapter
+
+    files = {n: (adapter_dirs["r8-all"] / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    tensors = load(files["adapter_model.safetensors"])
+    key = next(k for k in sorted(tensors) if "lora_A" in k)
+    tensors[key][0, 0] = 3.4e38
+    files["adapter_model.safetensors"] = save(tensors)
+    with pytest.raises(InvalidAdapter, match="overflows the bfloat16 adapter pools"):
+        bf16_engine.adapters.ensure_resident(bf16_engine.parse_adapter(files, "huge"))
+    assert bf16_engine.adapters.get("huge") is None and len(bf16_engine.adapters.resident) == len(adapter_dirs)
+    # a request with it fails alone; another request in the same steps gets its own tokens
+    good = ("Once upon a time", "r8-all")
+    alone = greedy_outputs(bf16_engine, [good], 8)[0]
+    huge = Sequence(bf16_engine.tokenizer("Hello there")["input_ids"], SamplingParams(max_tokens=8, temperature=0.0), "t/huge@v1",
+                    adapter_weights=bf16_engine.parse_adapter(files, "t/huge@v1"))
+    other = Sequence(bf16_engine.tokenizer(good[0])["input_ids"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), good[1])
+    for seq in (huge, other):
+        bf16_engine.add(seq)
+    while bf16_engine.has_work():
+        bf16_engine.step()
+    assert huge.finish_reason == "error" and huge.error.status >= 400
+    assert other.output_token_ids == alone
+    weights = engine.parse_adapter(files, "huge32")
+    assert engine.adapters.ensure_resident(weights) is not None
+    assert engine.adapters.remove("huge32")
 
 
 def test_routed_experts_read_bf16_pools(model_dir, tmp_path):

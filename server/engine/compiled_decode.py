@@ -68,9 +68,10 @@ class CompiledDecode:
         self.compile_seconds = 0.0  # start-up compilation (warm_up)
         self.graphs: dict[str, float] = {}  # variant -> seconds it took to compile at start-up
         self.failed: str | None = None  # why compilation failed (then every step runs eagerly)
-        # LoRA steps too: the C++ op exists and computes in the model's float32
+        # LoRA steps too: the C++ op exists, computes in the model's float32 and reads the pools' dtype
         self.lora_space = runner.space_index("lora")
-        self.lora = runner.model.dtype == torch.float32 and cpu_lora.get() is not None
+        self.lora = (runner.model.dtype == torch.float32 and runner.adapters.spaces["lora"].dtype in (torch.float32, torch.bfloat16)
+                     and cpu_lora.get() is not None)
         if self.lora:
             runner.adapters.pools_everywhere("lora")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from server.errors import AdapterTooLarge
+from server.errors import AdapterTooLarge, InvalidAdapter
 from server.families.base import AdapterWeights
 from server.families.registry import FAMILIES, SPACES
 from server.layers.linear import AdaptedLinear, AdapterSlot
@@ -231,6 +231,10 @@ class AdapterManager:
             host = {name: torch.zeros((weights.units, *tail), dtype=dtype)
                     for name, (tail, dtype) in space.space.pools(slot.d_in, slot.d_out, space.dtype).items()}
             weights.write_into(host, layer, module, 0, space.dtype)
+            for name, t in host.items():  # finite in the parser's dtype, yet maybe not in narrower pools (--lora-dtype)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise InvalidAdapter(f"{weights.name}: {module} of layer {layer} overflows the {str(space.dtype)[6:]} "
+                                         f"adapter pools: rescale the weights")
             out[(layer, module)] = {name: self.transfers.pin(t) for name, t in host.items()}
         if self.keep_host_rows and hasattr(weights, "host_rows"):
             weights.host_rows = (space.dtype, out)
