@@ -231,8 +231,8 @@ class AdapterManager:
             host = {name: torch.zeros((weights.units, *tail), dtype=dtype)
                     for name, (tail, dtype) in space.space.pools(slot.d_in, slot.d_out, space.dtype).items()}
             weights.write_into(host, layer, module, 0, space.dtype)
-            for name, t in host.items():  # finite in the parser's dtype, yet maybe not in narrower pools (--lora-dtype)
-                if t.is_floating_point() and not torch.isfinite(t).all():
+            for name, t in host.items():  # finite in the parser's dtype, yet maybe infinite in narrower pools (--lora-dtype)
+                if t.is_floating_point() and torch.isinf(t).any():
                     raise InvalidAdapter(f"{weights.name}: {module} of layer {layer} overflows the {str(space.dtype)[6:]} "
                                          f"adapter pools: rescale the weights")
             out[(layer, module)] = {name: self.transfers.pin(t) for name, t in host.items()}
