@@ -84,20 +84,26 @@ def sgmv_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPl
         return
     if _cpu_short_segments(y, x, lora_a, lora_b, plan):
         return
-    widen = lora_a.dtype != x.dtype and not upcast  # narrow pools: each segment's rows widened as read
-    for s, e, o, r in plan.loop_segs:
-        a, b = lora_a[o:o + r], lora_b[o:o + r]  # views: no weight copy
-        xs, ys = (x, y) if e - s == plan.num_tokens else (x[s:e], y[s:e])  # slicing costs ~1.5 us each
+    _segment_gemms(y, x, lora_a, lora_b, plan.loop_segs, plan.num_tokens, upcast)
+    if plan.num_groups == 0:
+        return
+    w = batched_shrink(x, lora_a, plan, upcast)
+    batched_expand(y, lora_b, w.to(lora_b.dtype) if w.dtype != lora_b.dtype else w, plan)
+
+
+def _segment_gemms(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, segs, num_tokens: int, upcast: bool) -> None:
+    """One mm + addmm_ per (tok_start, tok_end, row_start, rank) segment, on pool views (no weight copy
+    unless narrow pools' rows are widened)."""
+    widen = lora_a.dtype != x.dtype and not upcast
+    for s, e, o, r in segs:
+        a, b = lora_a[o:o + r], lora_b[o:o + r]
+        xs, ys = (x, y) if e - s == num_tokens else (x[s:e], y[s:e])  # slicing costs ~1.5 us each
         if upcast:
             ys.add_((xs.float() @ a.float().T) @ b.float())
         elif widen:
             ys.addmm_(xs @ a.to(x.dtype).T, b.to(x.dtype))
         else:
             ys.addmm_(xs @ a.T, b)
-    if plan.num_groups == 0:
-        return
-    w = batched_shrink(x, lora_a, plan, upcast)
-    batched_expand(y, lora_b, w.to(lora_b.dtype) if w.dtype != lora_b.dtype else w, plan)
 
 
 def _cpu_short_segments(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: LoraPlan) -> bool:
@@ -105,19 +111,15 @@ def _cpu_short_segments(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, pl
     pool views, every short one in one call of the op. False: nothing done, the ATen path runs."""
     if not (x.is_cpu and x.dtype == torch.float32 and y.dtype == torch.float32 and x.stride(1) == 1 and y.stride(1) == 1
             and lora_a.dtype in (torch.float32, torch.bfloat16) and lora_a.is_contiguous() and lora_b.is_contiguous()
-            and max(r for *_, r in plan.lora_segs) <= cpu_lora.MAX_RANK):
+            and plan.seg_max_rank <= cpu_lora.MAX_RANK):
         return False
     op = cpu_lora.get()
     if op is None:
         return False
     if plan.cpu_segs is None:
         plan.cpu_segs = torch.tensor([sg for sg in plan.lora_segs if sg[1] - sg[0] < LONG_SEGMENT_TOKENS], dtype=torch.long).view(-1, 4)
-    for s, e, o, r in plan.lora_segs:
-        if e - s >= LONG_SEGMENT_TOKENS:  # a prefill-sized segment: one GEMM pair
-            a, b = lora_a[o:o + r], lora_b[o:o + r]
-            if a.dtype != x.dtype:
-                a, b = a.to(x.dtype), b.to(x.dtype)
-            y[s:e].addmm_(x[s:e] @ a.T, b)
+    # prefill-sized segments: one GEMM pair each
+    _segment_gemms(y, x, lora_a, lora_b, [sg for sg in plan.lora_segs if sg[1] - sg[0] >= LONG_SEGMENT_TOKENS], plan.num_tokens, False)
     if plan.cpu_segs.numel():
         op(y, x, lora_a, lora_b, plan.cpu_segs)
     return True

@@ -57,6 +57,7 @@ class LoraPlan:
     # ... and of those run by the loop path.
     loop_segs: tuple[tuple[int, int, int, int], ...] = ()
     row_end: int = 0  # pools need at least this many rows (max o_i + r_i)
+    seg_max_rank: int = 0  # the largest rank of lora_segs
     # --- batched path ---
     num_groups: int = 0  # G
     group_len: int = 0  # L (token slots per group)
@@ -118,6 +119,7 @@ def make_lora_plan(
                  if starts[i] >= 0 and ranks[i] > 0 and indptr[i + 1] > indptr[i])
     plan.lora_segs = segs
     plan.row_end = max((o + r for _, _, o, r in segs), default=0)
+    plan.seg_max_rank = max((r for *_, r in segs), default=0)
     if not segs:
         return plan
     short = tuple(sg for sg in segs if sg[1] - sg[0] < LONG_SEGMENT_TOKENS)
