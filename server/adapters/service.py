@@ -113,11 +113,14 @@ class AdapterService:
         return m
 
     # -- weights ---------------------------------------------------------------------------
-    async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, AdapterWeights]:
-        """(engine key, host weights) for a request: RecLoRA adapters are materialised per user."""
+    async def for_request(self, m: AdapterManifest, user: str | None) -> tuple[str, AdapterWeights, str]:
+        """(engine key, host weights, content identity) for a request: RecLoRA adapters are materialised
+        per user. The identity names what the weights compute — the version's file contents and, per
+        user, the state — so that KV blocks are shared only between requests that would compute the
+        same keys and values (server.engine.prefix_cache); names and version numbers can be reused."""
         weights = await self.weights(m)
         if not family_named(m.family).per_user:
-            return device_key(m), weights
+            return device_key(m), weights, m.sha256
         state = await self.user_state(m, user) if user else None
         # Keyed by the state, not the user: users with the same state (every unknown user: uniform
         # weights) share one copy, so inventing user names cannot flood the caches and evict others.
@@ -130,7 +133,7 @@ class AdapterService:
             except errors.InvalidAdapter as e:  # the user's state does not fit this adapter (length, overflow)
                 raise errors.InvalidRequest(e.message, param="user") from None
             self.host.put(key, cached)
-        return key, cached
+        return key, cached, f"{m.sha256}#state={digest}"
 
     async def user_state(self, m: AdapterManifest, user: str) -> dict | None:
         """A user's stored state, cached like manifests (and served stale while the store is down)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,16 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     holds_adapter: bool = False  # counted as a user of its adapter (so it cannot be evicted)
+    # Who asks, for fair scheduling and per-tenant accounting: the caller's tenant (None: the admin or
+    # an open-mode caller) and that tenant's share weight (server.engine.fairness).
+    tenant: str | None = None
+    tenant_weight: float = 1.0
+    # What the adapter computes (content hash; RecLoRA: plus the user's state), keying the prefix cache
+    # together with the tokens: "" = the base model. None = never share KV blocks for this sequence.
+    prefix_identity: str | None = ""
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at (last) admission
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it was first admitted to the running batch (queue time)
 
     @property
     def num_tokens(self) -> int:

@@ -66,12 +66,13 @@ class OpenAIServing:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return principal
 
-    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None]:
-        """(engine adapter key, host weights to place if not resident) for the request's `model`."""
+    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None, str]:
+        """(engine adapter key, host weights to place if not resident, content identity for the prefix
+        cache) for the request's `model`."""
         if model == self.engine.model_name:
-            return None, None
+            return None, None, ""
         if model in self.engine.static_adapters:
-            return model, None
+            return model, None, f"static:{model}"  # loaded once at start-up, never replaced
         if self.adapter_service is None:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         manifest = await self.adapter_service.resolve(self.principal(raw), model)
@@ -106,13 +107,15 @@ class OpenAIServing:
         return APIError(400, f"This server accepts prompts of at most {self.max_prompt_tokens} tokens (--max-prompt-tokens), but the prompt has {size}.",
                         param=param, code="context_length_exceeded")  # fmt: skip
 
-    def _sequences(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, adapter, weights) -> list[Sequence]:
+    def _sequences(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, adapter, weights, identity: str,
+                   raw: Request) -> list[Sequence]:
         """n sequences per prompt, within the engine's batch width and its KV cache."""
         count, limits = len(prompts) * req.n, self.engine_limits
         if count > limits.max_num_seqs:
             raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {limits.max_num_seqs} at once",
                            param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
         context = limits.max_model_len
+        tenant = self.principal(raw).tenant
         # All of a request's sequences may run at once, so together they must fit the KV cache.
         share = limits.kv_cache_tokens // count
         seqs = []
@@ -129,7 +132,8 @@ class OpenAIServing:
                     f"tokens ({len(ids)} in the prompt, {wanted} for the completion). Reduce the prompt or max_tokens.",
                     param="max_tokens", code="context_length_exceeded",
                 )
-            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights) for j in range(req.n)]
+            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights, tenant=tenant,
+                              prefix_identity=identity) for j in range(req.n)]
         claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
         if claimed > limits.kv_cache_tokens:
             raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
@@ -197,16 +201,16 @@ class OpenAIServing:
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         prompts = await self._completion_prompts(req)
-        adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
+        adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
-        seqs = self._sequences(req, prompts, max_tokens, adapter, weights)
+        seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, raw)
         return await self._run("completions", req, seqs, raw, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self._check_supported(req)
         ids = await self._chat_prompt(req)
-        adapter, weights = await self.resolve_adapter(req.model, raw, req.user)
-        seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights)
+        adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
+        seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, raw)
         return await self._run("chat", req, seqs, raw, chat=True)
 
     async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, chat: bool):
