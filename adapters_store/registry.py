@@ -28,7 +28,7 @@ from .errors import AdapterExists, AdapterNotFound, CorruptObject, ManifestError
 from .user_state import get_user_state, put_user_state
 from .manifest import SHA256_RE, AdapterManifest, sha256_hex, validate_file_name, validate_name
 from .stores import ObjectStore
-from .tenants import TenantDirectory
+from .tenants import TenantDirectory, TenantSettings
 
 if TYPE_CHECKING:
     from .disk_cache import DiskCache
@@ -96,6 +96,13 @@ class Registry:
 
     async def tenant_for_key(self, key: str) -> str | None:
         return await self.tenants.tenant_for_key(key)
+
+    async def update_tenant_settings(self, tenant: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return await self.tenants.update_settings(tenant, changes)
+
+    async def tenant_settings(self, tenant: str) -> TenantSettings:
+        """Cached (server.api.quotas reads it on every request): see TenantDirectory.settings."""
+        return await self.tenants.settings(tenant)
 
     # -- adapters ----------------------------------------------------------------------------
     async def publish(
