@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="most choices (`n`) one request may ask for")
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="most prompt tokens one request may send (default: the context length less one)")
     serve.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json even when an admin key is set (always served without one)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM/SIGINT: refuse new requests (503, Retry-After; /health says draining), let open ones "
+                            "run for up to S seconds, end the rest with a final error, exit 0 (0: end them at once; a second signal: now)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     add_admin_commands(sub)
@@ -253,15 +256,21 @@ def _serve(args) -> int:
         # An open server (no key) must not be reachable from the network.
         print(f"hotswap: error: refusing to bind {host_ip} without an admin key: set HOTSWAP_ADMIN_KEY (or --admin-key), or listen on 127.0.0.1", file=sys.stderr)
         return 2
+    if not args.drain_seconds >= 0:  # NaN too
+        raise CliError(f"--drain-seconds {args.drain_seconds}: give the seconds open requests may run on after SIGTERM, 0 or more")
     _check_serve_inputs(args)
     if args.model is None:
         _embedded_model_dir()  # fetch it now, so that a failure is one clear line (the engine reuses it)
+
+    import time
 
     import uvicorn
 
     from server.adapters.service import build_adapter_service
     from server.api.app import build_app
+    from server.api.guard import SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE
     from server.config import EngineConfig
+    from server.engine.client import RequestFailed
     from server.engine.llm_engine import LLMEngine
 
     config = EngineConfig(
@@ -283,15 +292,53 @@ def _serve(args) -> int:
     )
     app = build_app(engine, api_key=args.admin_key, adapter_service=service, limits=limits, enable_docs=args.enable_docs)
 
+    admission, client = app.state.admission, app.state.engine
+    shutting_down = RequestFailed(SHUTTING_DOWN_MESSAGE, status=503, code=SHUTTING_DOWN)
+
     class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT /health says `draining` while open requests finish."""
+        """SIGTERM/SIGINT: /health says `draining` and new API requests get 503 + Retry-After, while the
+        server keeps listening; open requests run on until none is left or --drain-seconds have passed;
+        then whatever still runs in the engine ends with a final error (an SSE error event, or a 503) and
+        the process exits 0. A second signal ends them at once; a third stops waiting for connections."""
+
+        drain_until: float | None = None  # monotonic deadline, from the first signal
+        ended = False  # the engine's remaining requests have been failed
+        announced = False
 
         def handle_exit(self, sig, frame) -> None:
-            app.state.draining = True
-            super().handle_exit(sig, frame)
+            # A signal handler: flags only (no logging: its locks are not reentrant); on_tick does the work.
+            # Not passing the signal to uvicorn also keeps it from re-raising it at exit: the status is 0.
+            if self.drain_until is None:
+                admission.draining = True
+                self.drain_until = time.monotonic() + args.drain_seconds
+            elif not self.ended:
+                self.drain_until = 0.0
+            else:
+                self.should_exit = self.force_exit = True
 
-    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and not self.ended:
+                self._drain()
+            return await super().on_tick(counter)
+
+        def _drain(self) -> None:
+            if not self.announced:
+                self.announced = True
+                log.info("draining: new requests get 503; %d open ones have %g s to finish (--drain-seconds)", admission.in_flight, args.drain_seconds)
+            if admission.in_flight and time.monotonic() < self.drain_until:
+                return
+            if admission.in_flight:
+                log.warning("draining: ending %d requests still open (%d sequences in the engine)", admission.in_flight, client.sequences_in_flight)
+            client.fail_all(shutting_down, refuse_new=True)  # applied between engine steps
+            self.ended = self.should_exit = True  # uvicorn stops listening and waits for the streams' final events
+
+    # After the drain, streams need a moment to send their final error; a request stuck outside the
+    # engine (an upload, say) is cut off after this.
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=FINAL_GRACE_S)).run()
     return 0
+
+
+FINAL_GRACE_S = 5  # seconds connections get to finish after the drain ends what still runs
 
 
 if __name__ == "__main__":

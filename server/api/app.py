@@ -15,7 +15,7 @@ from server.api.admin.generate import router as generate_router
 from server.api.admin.generators import router as generators_router
 from server.api.admin.routes import router as admin_router
 from server.api.errors import APIError, ErrorBoundary, api_error_handler, domain_error_handler, http_error_handler, validation_error_handler
-from server.api.guard import RequestGuard
+from server.api.guard import Admission, RequestGuard
 from server.api.limits import RequestLimits
 from server.api.openai.routes import router as openai_router
 from server.api.openai.serving import OpenAIServing
@@ -55,7 +55,8 @@ def build_app(
     state.adapter_service = adapter_service
     state.registry = adapter_service.registry if adapter_service else None
     state.limits = limits
-    state.draining = False  # set on SIGTERM by the CLI's server: /health says so while requests finish
+    # Set draining on SIGTERM (the CLI's server): /health says so, new API requests are refused, open ones finish.
+    state.admission = Admission()
     state.serving = OpenAIServing(client, metrics, limits, adapter_service)
     app.add_exception_handler(APIError, api_error_handler)
     for domain_error in (HotswapError, RegistryError, RequestFailed):  # mapped to HTTP in one table (server.api.errors)
@@ -63,7 +64,7 @@ def build_app(
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     # Outermost last: ErrorBoundary wraps RequestGuard, which runs before any route reads a body.
-    app.add_middleware(RequestGuard, admin_key=api_key, registry=state.registry, limits=limits)
+    app.add_middleware(RequestGuard, admin_key=api_key, registry=state.registry, limits=limits, admission=state.admission)
     app.add_middleware(ErrorBoundary)
 
     app.include_router(openai_router)
@@ -74,7 +75,7 @@ def build_app(
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         """Public: only whether the server is ready. With the admin key: what it runs on."""
-        if state.draining:
+        if state.admission.draining:
             status = "draining"
         else:
             status = "ready" if client.healthy else "stopped"

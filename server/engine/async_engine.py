@@ -1,8 +1,9 @@
 """Runs the engine loop on its own thread so the asyncio event loop (HTTP) stays responsive.
 
-Requests and aborts cross into the engine thread through a queue and are applied between steps;
-each request's outputs come back through its own asyncio.Queue. An engine built on an EngineThread
-(`LLMEngine.thread`, as `hotswap serve` builds it) runs its loop there: where it was built.
+Requests, aborts and "fail every request" (a shutdown) cross into the engine thread through a queue
+and are applied between steps; each request's outputs come back through its own asyncio.Queue. An
+engine built on an EngineThread (`LLMEngine.thread`, as `hotswap serve` builds it) runs its loop
+there: where it was built.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop_done: Future | None = None  # the loop's run on the engine's own EngineThread
         self._stopping = False
+        self._refusal: RequestFailed | None = None  # fail_all(refuse_new=True): every later sequence fails with it
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -64,6 +66,17 @@ class AsyncEngine:
         if self._loop_done is not None:
             return not self._loop_done.done() and self.engine.thread.is_alive()
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def sequences_in_flight(self) -> int:
+        """Sequences submitted whose outputs are still coming (one per choice of a request)."""
+        return len(self._streams)
+
+    def fail_all(self, error: RequestFailed, refuse_new: bool = False) -> None:
+        """Fail every sequence in the engine, running or waiting, with `error` (each stream raises it),
+        between steps on the engine thread. With refuse_new every sequence submitted later fails the same
+        way at once: the server is shutting down. Only enqueues, so a signal handler may call it."""
+        self._inbox.put(("fail_all", (error, refuse_new)))
 
     async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Yields outputs until the sequence finishes; RequestFailed if it failed. Leaving early (client gone) aborts it."""
@@ -103,11 +116,19 @@ class AsyncEngine:
                         break
                     block = False
                     if kind == "add":
-                        engine.add(seq)
+                        if self._refusal is None:
+                            engine.add(seq)
+                        else:
+                            self._emit(seq.seq_id, _copy(self._refusal))
                     elif kind == "abort":
                         engine.abort(seq)
                     elif kind == "call":
                         self._run_call(*seq)
+                    elif kind == "fail_all":
+                        error, refuse_new = seq
+                        if refuse_new:
+                            self._refusal = error
+                        self._fail_all(error)
                 if not engine.has_work():
                     continue
                 updates = engine.step()
@@ -139,11 +160,16 @@ class AsyncEngine:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, error: RequestFailed | None = None) -> None:
         sched = self.engine.scheduler
         for seq in list(sched.running) + list(sched.waiting) + sched.take_failed():
             self.engine.abort(seq)
-            self._emit(seq.seq_id, RequestFailed(ENGINE_FAILED))
+            self._emit(seq.seq_id, _copy(error) if error is not None else RequestFailed(ENGINE_FAILED))
+
+
+def _copy(error: RequestFailed) -> RequestFailed:
+    """One exception object per stream: each is raised, and gains a traceback, in its own task."""
+    return RequestFailed(str(error), error.status, error.code)
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:

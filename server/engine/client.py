@@ -146,6 +146,16 @@ class EngineClient:
         """The sequence's outputs as they come; RequestFailed if it fails. Leaving early aborts it."""
         return self._async.generate(seq)
 
+    @property
+    def sequences_in_flight(self) -> int:
+        """Sequences submitted whose outputs are still coming (one per choice of a request)."""
+        return self._async.sequences_in_flight
+
+    def fail_all(self, error: RequestFailed, refuse_new: bool = False) -> None:
+        """Fail every sequence in the engine with `error`, between steps; with refuse_new, every one
+        submitted later too (a shutdown). Returns at once; a signal handler may call it."""
+        self._async.fail_all(error, refuse_new)
+
     # -- adapters --------------------------------------------------------------------------------
     def parse_adapter(self, files: dict[str, bytes], name: str, family: str | None = None):
         """The adapter's weights for this model (InvalidAdapter if the files are malformed or do not fit)."""
