@@ -30,3 +30,5 @@ class EngineConfig:
     adapter_memory_bytes: int | None = None  # device row-pool budget; None = unbounded
     threads: int | None = None
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (server.engine.speculative); None: off
+    enable_prefix_caching: bool = True  # reuse full KV blocks of a shared prefix, per adapter identity (server.engine.block_manager)
+    scheduling: str = "fair"  # fair (Virtual Token Counter across tenants) | fcfs (server.engine.fairness)

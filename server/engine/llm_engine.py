@@ -21,6 +21,7 @@ from server.engine.decode_graphs import CudaGraphBackend, DecodeGraphs
 from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, resolve_dtype, resolve_lora_dtype
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine_thread import EngineThread
+from server.engine.fairness import waiting_queue
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
@@ -129,10 +130,10 @@ class LLMEngine:
         kv_tokens = kv_cache_tokens(config.kv_cache_tokens, self.device, kv_bytes_per_token, config.gpu_memory_utilization, reserve)
         self.max_model_len = min(positions, kv_tokens)
         num_blocks = kv_tokens // config.block_size
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter,
-            self.make_speculator(config.speculative),
+            self.make_speculator(config.speculative), waiting_queue(config.scheduling), self._prefix_identity,
         )
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device)
         if self.device.type == "cuda":
@@ -245,6 +246,20 @@ class LLMEngine:
                 return False
         self.adapters.acquire(seq.adapter)
         return True
+
+    def _prefix_identity(self, seq: Sequence) -> str | None:
+        """What computes seq's KV, for the prefix cache; None where blocks must not be shared: families with
+        step hooks (routed experts) keep per-sequence state built token by token (MoLE's running sums),
+        which a prefix taken from the cache would skip."""
+        if seq.adapter is None:
+            return ""
+        if not seq.prefix_identity:  # unnamed (engine-level callers): an adapter key may come back with other weights
+            return None
+        entry = self.adapters.get(seq.adapter)
+        family = entry.family if entry is not None else getattr(seq.adapter_weights, "family", None)
+        if family is None or FAMILIES[family].step_hooks is not None:
+            return None
+        return seq.prefix_identity
 
     def _release_adapter(self, seq: Sequence) -> None:
         """The sequence leaves the running batch (finished, aborted or preempted): its adapter is one user

@@ -2,16 +2,21 @@
 
 Policy (continuous batching with chunked prefill): every running sequence gets its next token
 (or its next prompt chunk) first, then waiting sequences are admitted while the token budget,
-the sequence limit and the KV-cache blocks allow (leaving one free block per running sequence). When blocks run out, the most recently
-admitted sequence is preempted: its blocks are freed and it is recomputed later.
+the sequence limit and the KV-cache blocks allow (leaving one free block per running sequence), in
+the order of the waiting queue (server.engine.fairness: first come first served, or fair across
+tenants). A sequence admitted takes the blocks of its prompt's prefix that the prefix cache holds
+(server.engine.block_manager) and computes only the rest. When blocks run out, a running sequence is
+preempted — the newest, or under fair scheduling the newest of the tenant furthest ahead: its blocks
+are freed and it is recomputed later.
 """
 from __future__ import annotations
 
-from collections import deque
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
+from server.engine.fairness import FcfsQueue
 from server.engine.sequence import RequestFailed, Sequence, SequenceStatus
 from server.engine.speculative import Speculator
 
@@ -37,16 +42,20 @@ class Scheduler:
         acquire_adapter: Callable[[Sequence], bool] = lambda seq: True,
         release_adapter: Callable[[Sequence], None] = lambda seq: None,
         speculator: Speculator | None = None,
+        waiting: FcfsQueue | None = None,
+        prefix_identity: Callable[[Sequence], str | None] = lambda seq: None,
     ):
         """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now;
         RequestFailed: never, and the sequence fails alone); release_adapter undoes the count when the
-        sequence leaves the running batch."""
+        sequence leaves the running batch. prefix_identity names what computes a sequence's KV for the
+        prefix cache (None: it shares no blocks)."""
         self.blocks = block_manager
         self.speculator = speculator  # drafts tokens for decoding sequences (None: no speculative decoding)
         self.acquire_adapter, self.release_adapter = acquire_adapter, release_adapter
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = waiting if waiting is not None else FcfsQueue()
+        self.prefix_identity = prefix_identity
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # failed while being admitted, not yet reported (take_failed)
 
@@ -87,42 +96,59 @@ class Scheduler:
                     continue
             while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
                 preempted = True
-                victim = self.running[-1]
+                # only sequences not yet scheduled in this step may give their blocks back
+                victim = self.waiting.preemption_victim(self.running[self.running.index(seq):])
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
+                self._charge_prompt(seq, n)
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # Admitting while preempting would only thrash the cache.
         blocked_by_adapter: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seq = self.waiting.peek()
+            identity = self.prefix_identity(seq) if seq.num_computed_tokens == 0 else None
+            hits = self.blocks.lookup(seq, identity) if identity is not None else []
+            start = len(hits) * self.blocks.block_size if hits else seq.num_computed_tokens
+            n = min(seq.num_tokens - start, budget)
             # Keep one free block per running sequence so the admitted batch can grow without thrashing.
-            needed = self.blocks.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
+            needed = self.blocks.blocks_needed(start + n) - len(hits) - len(seq.block_table) + self.blocks.num_free_among(hits)
             if self.blocks.num_free - needed < len(self.running):
                 break
             try:
                 placed = self.acquire_adapter(seq)
             except RequestFailed as e:  # its adapter can never be placed: that request fails, not the step
-                self.waiting.popleft()
+                self.waiting.pop()
                 seq.fail(e)
                 self.failed.append(seq)
                 continue
             if not placed:
                 # its adapter cannot be placed until others go idle: let the requests behind it pass
-                blocked_by_adapter.append(self.waiting.popleft())
+                blocked_by_adapter.append(self.waiting.pop())
                 continue
             seq.holds_adapter = True
+            if identity is not None:
+                self.blocks.take_cached(seq, hits, seq.num_tokens)
             self.blocks.ensure(seq, seq.num_computed_tokens + n)
-            self.waiting.popleft()
+            self.waiting.pop()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
+            self._charge_prompt(seq, n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        self.waiting.extendleft(reversed(blocked_by_adapter))
+        for seq in reversed(blocked_by_adapter):
+            self.waiting.put_back(seq)
         return scheduled
+
+    def _charge_prompt(self, seq: Sequence, n: int) -> None:
+        """Prompt tokens about to be computed count as service to seq's tenant (outputs: postprocess).
+        A preempted sequence's recomputed outputs count again: its tenant is the one furthest ahead."""
+        if n > 1 or seq.num_computed_tokens == 0 or seq.num_computed_tokens + n < seq.num_tokens:
+            self.waiting.charge(seq, n, 0)
 
     def _leave(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -138,7 +164,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.put_back(seq)
 
     def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[list[int]], eos_token_ids: frozenset[int],
                     stops: Callable[[Sequence, int], bool] = lambda seq, token: False) -> list[int]:
@@ -170,6 +196,10 @@ class Scheduler:
                 if seq.is_finished:
                     break
             kept.append(len(seq.output_token_ids) - before)
+            self.waiting.charge(seq, 0, kept[-1])
+            identity = self.prefix_identity(seq) if seq.finish_reason != "error" else None  # a failed step's KV may be garbage
+            if identity is not None:
+                self.blocks.cache_full_blocks(seq, identity)
         return kept
 
     def take_failed(self) -> list[Sequence]:

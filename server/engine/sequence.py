@@ -86,9 +86,13 @@ class Sequence:
     tenant: str | None = None
     tenant_weight: float = 1.0
     # What the adapter computes (content hash; RecLoRA: plus the user's state), keying the prefix cache
-    # together with the tokens: "" = the base model. None = never share KV blocks for this sequence.
-    prefix_identity: str | None = ""
+    # together with the tokens (server.engine.prefix_cache); unset (None or ""): the base model shares
+    # blocks with the base model, an adapter's sequence shares none (the API always sets it).
+    prefix_identity: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at (last) admission
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, memoised by the block manager
+    block_hashes_identity: str | None = None  # the identity they were computed under
+    num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it was first admitted to the running batch (queue time)
 
