@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="compute every prompt in full: no reuse of the KV blocks of a prefix served before (reuse is keyed by the "
+                            "adapter's contents, so it never crosses adapters, versions or RecLoRA user states)")
+    serve.add_argument("--scheduling", choices=("fair", "fcfs"), default="fair",
+                       help="order of admission: fair = Virtual Token Counter across tenants, weighted by the tenant's `weight` "
+                            "(one tenant: first come first served); fcfs = arrival order (default: %(default)s)")
     serve.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
                        help='speculative decoding by prompt lookup, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "disable_by_batch_size": 4}\' (keys optional; default: off)')
@@ -281,7 +287,7 @@ def _serve(args) -> int:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        speculative=args.speculative_config,
+        speculative=args.speculative_config, enable_prefix_caching=args.enable_prefix_caching, scheduling=args.scheduling,
     )
     engine = LLMEngine.on_own_thread(config)  # built where its loop will run: server.engine.engine_thread
     service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
