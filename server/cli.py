@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's, capped by the KV cache)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    serve.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                       help="compute every prompt in full: no reuse of the KV blocks of a prefix served before (reuse is keyed by the "
-                            "adapter's contents, so it never crosses adapters, versions or RecLoRA user states)")
+    serve.add_argument("--prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of a prompt prefix served before (keyed by the adapter's contents, so never across "
+                            "adapters, versions or RecLoRA user states); --no-prefix-caching computes every prompt in full")
     serve.add_argument("--scheduling", choices=("fair", "fcfs"), default="fair",
                        help="order of admission: fair = Virtual Token Counter across tenants, weighted by the tenant's `weight` "
                             "(one tenant: first come first served); fcfs = arrival order (default: %(default)s)")
