@@ -1,4 +1,4 @@
-"""`hotswap adapters ...`, `hotswap tenants ...` and `hotswap sglora ...`: a small client of the admin API."""
+"""`hotswap adapters ...`, `hotswap tenants ...` (create, key, show, set) and `hotswap sglora ...`: a small client of the admin API."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,31 @@ from tqdm import tqdm
 from server.console import CliError
 
 CHUNK = 256 * 1024
+UNLIMITED = "unlimited"
+QUOTA_FLAGS = ("max_concurrent_requests", "requests_per_minute", "tokens_per_minute")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number greater than 0, got {text!r}")
+    return value
+
+
+def _quota(text: str) -> int | str:
+    """A positive integer, or `unlimited` (also `none`) to remove the quota."""
+    if text.lower() in (UNLIMITED, "none"):
+        return UNLIMITED
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or '{UNLIMITED}', got {text!r}")
+    return value
 
 
 def add_admin_commands(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +69,19 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     create.add_argument("name")
     key = tenants.add_parser("key", help="create an API key for a tenant (shown once)")
     key.add_argument("tenant")
-    for p in (create, key):
+    show = tenants.add_parser("show", help="a tenant's keys (ids only), weight and quotas")
+    show.add_argument("tenant")
+    setting = tenants.add_parser(
+        "set", help="change a tenant's weight and quotas (they apply to its next request)",
+        description="Change a tenant's weight and quotas; they apply to its next request, without a restart. "
+                    "Quotas are counted per server process over a sliding minute; requests over one get HTTP 429 with Retry-After.",
+    )  # fmt: skip
+    setting.add_argument("tenant")
+    setting.add_argument("--weight", type=_positive_float, default=None, help="its share of the batch under fair scheduling, relative to other tenants' (default 1)")
+    setting.add_argument("--max-concurrent-requests", type=_quota, default=None, metavar="N|unlimited", help="requests in flight at once")
+    setting.add_argument("--requests-per-minute", type=_quota, default=None, metavar="N|unlimited", help="requests accepted per minute")
+    setting.add_argument("--tokens-per-minute", type=_quota, default=None, metavar="N|unlimited", help="prompt + completion tokens per minute")
+    for p in (create, key, show, setting):
         common(p)
 
     sglora = sub.add_parser("sglora", help="SG-LoRA: fit generators, generate adapters from descriptions").add_subparsers(dest="action", required=True)
@@ -164,6 +201,17 @@ def _run(client: httpx.Client, args: argparse.Namespace) -> None:
     elif args.command == "tenants" and args.action == "key":
         body = _check(client.post(f"/admin/v1/tenants/{args.tenant}/keys"), args, "id", "tenant", "key")
         print(f"key id {body['id']} for tenant {body['tenant']} (shown once, store it now):\n{body['key']}")
+    elif args.command == "tenants" and args.action == "show":
+        print(json.dumps(_check(client.get(f"/admin/v1/tenants/{args.tenant}"), args, "name", "keys"), indent=2))
+    elif args.command == "tenants" and args.action == "set":
+        changes: dict = {} if args.weight is None else {"weight": args.weight}
+        for flag in QUOTA_FLAGS:
+            value = getattr(args, flag)
+            if value is not None:
+                changes[flag] = None if value == UNLIMITED else value
+        if not changes:
+            raise CliError("nothing to change: give --weight, --max-concurrent-requests, --requests-per-minute or --tokens-per-minute")
+        print(json.dumps(_check(client.patch(f"/admin/v1/tenants/{args.tenant}", json=changes), args, "name", "weight"), indent=2))
     elif args.action == "push":
         data = _archive(args.dir)
         fields = {"tenant": args.tenant, "name": args.name, "description": args.description,

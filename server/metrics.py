@@ -1,20 +1,35 @@
-"""Prometheus metrics (one registry per app, so several servers can live in one process)."""
+"""Prometheus metrics (one registry per app, so several servers can live in one process).
+
+Per-tenant series carry one `tenant` label and nothing finer (no adapter, no user), so their number
+grows with the tenants in the registry only. The admin and open-mode callers count as ADMIN_TENANT,
+a value no tenant can be named (names start with a letter or digit: adapters_store.manifest)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+ADMIN_TENANT = "_admin"
+
+
+def tenant_label(tenant: str | None) -> str:
+    return ADMIN_TENANT if tenant is None else tenant
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("hotswap_requests_total", "Finished requests by endpoint and outcome", ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter("hotswap_prompt_tokens_total", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("hotswap_generation_tokens_total", "Tokens generated", registry=r)
+        self.requests = Counter("hotswap_requests_total", "Finished sequences (choices) by endpoint, outcome and tenant", ["endpoint", "outcome", "tenant"], registry=r)
+        self.prompt_tokens = Counter("hotswap_prompt_tokens_total", "Prompt tokens processed, by tenant", ["tenant"], registry=r)
+        self.generation_tokens = Counter("hotswap_generation_tokens_total", "Tokens generated, by tenant", ["tenant"], registry=r)
         self.latency = Histogram("hotswap_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("hotswap_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("hotswap_time_to_first_token_seconds", "Time to first token, by tenant", ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("hotswap_queue_time_seconds", "From a sequence's arrival to its first admission to the batch, by tenant",
+                                    ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.rate_limited = Counter("hotswap_rate_limited_requests_total", "Requests refused with 429 by tenant and the quota that refused them",
+                                    ["tenant", "limit"], registry=r)  # fmt: skip
+        self.prefix_queried = Counter("hotswap_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache, by tenant", ["tenant"], registry=r)
+        self.prefix_hits = Counter("hotswap_prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix cache, by tenant", ["tenant"], registry=r)
         self.tpot = Histogram("hotswap_time_per_output_token_seconds", "Mean time per output token after the first", buckets=_TOKEN_BUCKETS, registry=r)
         self.running = Gauge("hotswap_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("hotswap_requests_waiting", "Sequences waiting to be scheduled", registry=r)

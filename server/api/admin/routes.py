@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store.tenants import MAX_WEIGHT, MIN_WEIGHT
 from server.adapters.service import device_key
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large
@@ -23,6 +24,16 @@ router = APIRouter(prefix="/admin/v1")
 
 class TenantCreate(StrictModel):
     name: Annotated[Text, Field(max_length=256)]
+
+
+class TenantUpdate(StrictModel):
+    """PATCH body: the settings to change; a quota set to null is removed (unlimited)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting must not be ignored silently
+    weight: Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0  # its share under fair scheduling
+    max_concurrent_requests: Annotated[int, Field(ge=1)] | None = None
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
 
 
 def _admin(request: Request):
@@ -46,6 +57,22 @@ async def create_tenant(body: TenantCreate, request: Request):
 async def list_tenants(request: Request):
     state = _admin(request)
     return {"data": await state.registry.list_tenants()}
+
+
+@router.get("/tenants/{tenant}")
+async def get_tenant(tenant: str, request: Request):
+    state = _admin(request)
+    return await state.registry.get_tenant(tenant)
+
+
+@router.patch("/tenants/{tenant}")
+async def update_tenant(tenant: str, body: TenantUpdate, request: Request):
+    """Change the tenant's weight and quotas; they apply to its next request (server.api.quotas)."""
+    state = _admin(request)
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        raise InvalidRequest(f"give at least one of {', '.join(TenantUpdate.model_fields)}")
+    return await state.registry.update_tenant_settings(tenant, changes)
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201)

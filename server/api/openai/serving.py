@@ -1,8 +1,10 @@
 """From OpenAI requests to engine sequences and back: limits, tokenization, response shapes.
 
 The caller was authenticated and the body capped before it was read (server.api.guard), and the
-fields were validated strictly on parsing (protocol.py). What is checked here needs the model: the
-prompt's length in tokens, `n` and the KV cache a request could claim. Prompts too long to be
+fields were validated strictly on parsing (protocol.py). A tenant's request is first held to its
+quotas (server.api.quotas): in flight and per minute before anything else, tokens per minute again
+once its prompt is tokenized. What is checked next needs the model: the prompt's length in tokens,
+`n` and the KV cache a request could claim. Prompts too long to be
 within the limit are refused from their length in characters, without tokenizing them, and large
 inputs are tokenized on a worker thread so that the event loop keeps answering everyone else.
 """
@@ -13,29 +15,34 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from datetime import datetime
 
 from fastapi import Request
 
+from adapters_store.tenants import DEFAULT_SETTINGS
 from server.adapters.service import AdapterService
 from server.api.errors import APIError, error_body, to_api_error
 from server.api.limits import RequestLimits
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
+from server.api.quotas import Lease, QuotaExceeded, TenantQuotas
 from server.auth import Principal
 from server.engine.client import EngineClient, RequestFailed, RequestOutput, SamplingParams, Sequence
 from server.errors import ModelNotFound
-from server.metrics import Metrics
+from server.metrics import Metrics, tenant_label
 
 log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits, adapter_service: AdapterService | None = None):
+    def __init__(self, engine: EngineClient, metrics: Metrics, limits: RequestLimits, adapter_service: AdapterService | None = None,
+                 quotas: TenantQuotas | None = None):  # fmt: skip
         self.engine = engine
         self.adapter_service = adapter_service
         self.metrics = metrics
         self.limits = limits
+        self.quotas = quotas or TenantQuotas()
         self.created = int(time.time())
         self.engine_limits = engine.limits
         context = engine.limits.max_model_len - 1  # at least one token must be left to generate
@@ -65,6 +72,25 @@ class OpenAIServing:
         if principal is None:  # fail closed if the guard did not see this route
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return principal
+
+    async def admit(self, raw: Request) -> Lease:
+        """Hold the caller to its tenant's quotas (429 if over one); the lease's weight is its share."""
+        tenant = self.principal(raw).tenant
+        settings = DEFAULT_SETTINGS
+        if tenant is not None and self.adapter_service is not None:
+            settings = await self.adapter_service.registry.tenant_settings(tenant)  # cached: adapters_store.tenants
+        try:
+            return self.quotas.admit(tenant, settings)
+        except QuotaExceeded as e:
+            self.metrics.rate_limited.labels(tenant_label(tenant), e.limit).inc()
+            raise
+
+    def charge_prompt(self, lease: Lease, num_tokens: int) -> None:
+        try:
+            lease.charge_prompt(num_tokens)
+        except QuotaExceeded as e:
+            self.metrics.rate_limited.labels(tenant_label(lease.tenant), e.limit).inc()
+            raise
 
     async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None, str]:
         """(engine adapter key, host weights to place if not resident, content identity for the prefix
@@ -108,14 +134,13 @@ class OpenAIServing:
                         param=param, code="context_length_exceeded")  # fmt: skip
 
     def _sequences(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, adapter, weights, identity: str,
-                   raw: Request) -> list[Sequence]:
+                   lease: Lease) -> list[Sequence]:
         """n sequences per prompt, within the engine's batch width and its KV cache."""
         count, limits = len(prompts) * req.n, self.engine_limits
         if count > limits.max_num_seqs:
             raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {limits.max_num_seqs} at once",
                            param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
         context = limits.max_model_len
-        tenant = self.principal(raw).tenant
         # All of a request's sequences may run at once, so together they must fit the KV cache.
         share = limits.kv_cache_tokens // count
         seqs = []
@@ -132,8 +157,8 @@ class OpenAIServing:
                     f"tokens ({len(ids)} in the prompt, {wanted} for the completion). Reduce the prompt or max_tokens.",
                     param="max_tokens", code="context_length_exceeded",
                 )
-            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights, tenant=tenant,
-                              prefix_identity=identity) for j in range(req.n)]
+            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights, tenant=lease.tenant,
+                              tenant_weight=lease.weight, prefix_identity=identity) for j in range(req.n)]
         claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
         if claimed > limits.kv_cache_tokens:
             raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
@@ -197,23 +222,36 @@ class OpenAIServing:
 
     # -- running ---------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request):
-        self._check_supported(req)
-        if req.echo or req.suffix:
-            raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-        prompts = await self._completion_prompts(req)
-        adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
-        seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, raw)
-        return await self._run("completions", req, seqs, raw, chat=False)
+        lease = await self.admit(raw)
+        try:
+            self._check_supported(req)
+            if req.echo or req.suffix:
+                raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+            prompts = await self._completion_prompts(req)
+            self.charge_prompt(lease, sum(len(ids) for ids in prompts))
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
+            max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
+            seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
+            return await self._run("completions", req, seqs, raw, lease, chat=False)
+        except BaseException:
+            lease.release()
+            raise
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
-        self._check_supported(req)
-        ids = await self._chat_prompt(req)
-        adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
-        seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, raw)
-        return await self._run("chat", req, seqs, raw, chat=True)
+        lease = await self.admit(raw)
+        try:
+            self._check_supported(req)
+            ids = await self._chat_prompt(req)
+            self.charge_prompt(lease, len(ids))
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
+            seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, lease)
+            return await self._run("chat", req, seqs, raw, lease, chat=True)
+        except BaseException:
+            lease.release()
+            raise
 
-    async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, chat: bool):
+    async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool):
+        """The response, or for a stream its chunks; the request's lease is released when either ends."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         for s in seqs:
             s.request_id = rid
@@ -221,8 +259,19 @@ class OpenAIServing:
         prompt_tokens = sum(len(s.prompt_token_ids) for s in seqs[:: req.n])  # each prompt counts once, whatever n
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None)
-        task = asyncio.ensure_future(self._collect(endpoint, seqs))
+            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease)
+            # The stream's own `finally` releases the lease; a stream never started (the client left
+            # before the first chunk) never runs it, so its collection does.
+            weakref.finalize(stream, lease.release)
+            return stream
+        try:
+            return await self._respond(endpoint, req, seqs, raw, lease, chat, rid, created, prompt_tokens)
+        finally:
+            lease.release()
+
+    async def _respond(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool,
+                       rid: str, created: int, prompt_tokens: int) -> dict:  # fmt: skip
+        task = asyncio.ensure_future(self._collect(endpoint, seqs, lease))
         # A client that hangs up gets its sequences aborted (and their KV blocks freed) right away.
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=0.5)
@@ -246,25 +295,25 @@ class OpenAIServing:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
         }
 
-    async def _collect(self, endpoint: str, seqs: list[Sequence]) -> list[tuple[str, str | None, int]]:
+    async def _collect(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> list[tuple[str, str | None, int]]:
         results: list[list] = [["", None, 0] for _ in seqs]
-        async for i, out in self._merged(endpoint, seqs):
+        async for i, out in self._merged(endpoint, seqs, lease):
             results[i][0] += out.text
             results[i][1], results[i][2] = out.finish_reason, out.num_output_tokens
         return [tuple(r) for r in results]
 
-    async def _merged(self, endpoint: str, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _merged(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of several sequences as they come, tagged with the choice index; records metrics."""
         start = time.perf_counter()
         if len(seqs) == 1:
-            async for out in self._timed(endpoint, seqs[0], start):
+            async for out in self._timed(endpoint, seqs[0], start, lease):
                 yield 0, out
             return
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, seq: Sequence) -> None:
             try:
-                async for out in self._timed(endpoint, seq, start):
+                async for out in self._timed(endpoint, seq, start, lease):
                     await merged.put((i, out))
             except BaseException as e:
                 await merged.put((i, e))
@@ -284,32 +333,42 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _timed(self, endpoint: str, seq: Sequence, start: float) -> AsyncIterator[RequestOutput]:
-        m = self.metrics
+    async def _timed(self, endpoint: str, seq: Sequence, start: float, lease: Lease) -> AsyncIterator[RequestOutput]:
+        """One sequence's outputs; records its metrics and charges its generated tokens to the lease."""
+        m, tenant = self.metrics, tenant_label(seq.tenant)
         first = None
         outcome = "abort"
+        charged = 0  # output tokens charged to the tenant's token window so far
         try:
             async for out in self.engine.generate(seq):
+                lease.charge(out.num_output_tokens - charged)
+                charged = out.num_output_tokens
                 if first is None and out.token_ids:
                     first = time.perf_counter()
-                    m.ttft.observe(first - start)
+                    m.ttft.labels(tenant).observe(first - start)
+                    if seq.first_scheduled_time is not None:  # set by the scheduler on the engine thread
+                        m.queue_time.labels(tenant).observe(max(0.0, seq.first_scheduled_time - seq.arrival_time))
                 if out.finished:
                     outcome = out.finish_reason or "unknown"
                     end = time.perf_counter()
                     m.latency.observe(end - start)
                     if out.num_output_tokens > 1:
                         m.tpot.observe((end - first) / (out.num_output_tokens - 1))
-                    m.prompt_tokens.inc(out.num_prompt_tokens)
-                    m.generation_tokens.inc(out.num_output_tokens)
+                    m.prompt_tokens.labels(tenant).inc(out.num_prompt_tokens)
+                    m.generation_tokens.labels(tenant).inc(out.num_output_tokens)
                 yield out
         except RequestFailed:
             outcome = "error"
             raise
         finally:
-            m.requests.labels(endpoint, outcome).inc()
+            m.requests.labels(endpoint, outcome, tenant).inc()
+            if seq.first_scheduled_time is not None:  # it reached the batch, so its prompt met the prefix cache
+                m.prefix_queried.labels(tenant).inc(len(seq.prompt_token_ids))
+                m.prefix_hits.labels(tenant).inc(seq.num_cached_tokens)
 
-    async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None) -> AsyncIterator[str]:
-        """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks."""
+    async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None, lease: Lease) -> AsyncIterator[str]:
+        """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks.
+        The lease is released when generation ends, however it ends (finished, failed, the client gone)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list, usage: dict | None = None) -> str:
@@ -318,11 +377,11 @@ class OpenAIServing:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(seqs))])
         completion_tokens = [0] * len(seqs)
         try:
-            async for i, out in self._merged(endpoint, seqs):
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(seqs))])
+            async for i, out in self._merged(endpoint, seqs, lease):
                 completion_tokens[i] = out.num_output_tokens
                 if not out.text and not out.finished:
                     continue
@@ -337,6 +396,8 @@ class OpenAIServing:
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
+        finally:
+            lease.release()
         if usage_prompt_tokens is not None:
             total = sum(completion_tokens)
             yield chunk([], {"prompt_tokens": usage_prompt_tokens, "completion_tokens": total, "total_tokens": usage_prompt_tokens + total})
