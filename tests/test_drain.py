@@ -114,6 +114,22 @@ def test_requests_still_running_after_drain_seconds_end_with_a_final_error_and_t
     assert r.status_code == 503 and r.json()["error"]["code"] == SHUTTING_DOWN
 
 
+def test_a_second_signal_ends_the_open_requests_at_once_and_exits_0(model_dir, tmp_path):
+    with server(model_dir, tmp_path, drain_seconds=600) as proc:
+        stream = Stream(proc.url, max_tokens=1500)
+        stream.start()
+        stream.wait_for_tokens()
+        proc.proc.send_signal(signal.SIGTERM)
+        wait_until_draining(proc.url)
+        t0 = time.monotonic()
+        proc.proc.send_signal(signal.SIGINT)  # Ctrl-C counts as well
+        assert proc.proc.wait(timeout=20) == 0
+        exited_after = time.monotonic() - t0
+        stream.join(timeout=10)
+    assert exited_after < 8, f"exited {exited_after:.1f} s after the second signal"
+    assert stream.lines[-1] == "data: [DONE]" and json.loads(stream.lines[-2][6:])["error"]["code"] == SHUTTING_DOWN
+
+
 def test_fail_all_ends_every_sequence_and_with_refuse_new_every_later_one(model_dir):
     from server.config import EngineConfig
     from server.engine.async_engine import AsyncEngine
@@ -157,3 +173,16 @@ def test_fail_all_ends_every_sequence_and_with_refuse_new_every_later_one(model_
         assert outputs < 50
     assert later[0] == 0  # refused before it produced anything
     assert async_engine.sequences_in_flight == 0 and not engine.has_work()
+
+
+def test_drain_seconds_is_documented_and_a_negative_one_is_one_line():
+    import subprocess
+    import sys
+
+    def hotswap(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], capture_output=True, text=True, timeout=60)
+
+    assert "--drain-seconds" in hotswap("--help").stdout
+    refused = hotswap("--drain-seconds", "-1")
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "hotswap: error: --drain-seconds -1.0: give the seconds open requests may run on after SIGTERM, 0 or more"]
