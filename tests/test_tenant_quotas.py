@@ -12,7 +12,7 @@ import pytest
 
 from server.adapters.service import build_adapter_service
 from server.api.app import build_app
-from server.api.quotas import SlidingWindow, TenantQuotas
+from server.api.quotas import QuotaExceeded, SlidingWindow, TenantQuotas
 from server.config import EngineConfig
 from tests.conftest import LiveServer
 
@@ -28,9 +28,19 @@ def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("quotas")
     service = build_adapter_service(engine, str(root / "store"), None, root / "cache", 1 << 30, 1 << 30)
     app = build_app(engine, api_key=ADMIN, adapter_service=service)
-    app.state.serving.quotas = TenantQuotas(window_s=WINDOW_S)
+    serving = app.state.serving
+    serving.quotas = TenantQuotas(window_s=WINDOW_S)
+    sequences = []  # every sequence the API hands the engine, to read its tenant and weight
+    generate = serving.engine.generate
+
+    def recording_generate(seq):
+        sequences.append(seq)
+        return generate(seq)
+
+    serving.engine.generate = recording_generate
     with LiveServer(app) as srv:
         srv.admin = httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        srv.sequences = sequences
         yield srv
 
 
@@ -120,7 +130,10 @@ def test_changed_quotas_apply_to_the_next_request_without_a_restart(server):
     assert r.status_code == 200 and (r.json()["requests_per_minute"], r.json()["weight"]) == (2, 3.0)
     assert_rate_limited(complete(client), "requests")  # the three earlier requests count
     assert server.admin.patch("/admin/v1/tenants/patched", json={"requests_per_minute": None}).status_code == 200
-    assert complete(client).status_code == 200
+    assert complete(client, n=2).status_code == 200
+    assert [(s.tenant, s.tenant_weight) for s in server.sequences[-2:]] == [("patched", 3.0)] * 2  # its share, on every choice
+    assert complete(server.admin).status_code == 200
+    assert (server.sequences[-1].tenant, server.sequences[-1].tenant_weight) == (None, 1.0)
     view = server.admin.get("/admin/v1/tenants/patched").json()
     assert view["weight"] == 3.0 and view["requests_per_minute"] is None and view["tokens_per_minute"] is None
     assert "sha256" not in str(view) and len(view["keys"]) == 1
@@ -191,7 +204,7 @@ def test_quotas_count_every_tenant_apart_and_never_the_admin():
 
     limited = TenantSettings(max_concurrent_requests=1, tokens_per_minute=10)
     lease = quotas.admit("a", limited)
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(QuotaExceeded) as refused:
         quotas.admit("a", limited)
     assert (refused.value.status, refused.value.limit, refused.value.retry_after_s) == (429, "max_concurrent_requests", 1)
     other = quotas.admit("b", limited)  # another tenant
@@ -200,9 +213,29 @@ def test_quotas_count_every_tenant_apart_and_never_the_admin():
     lease.charge(4)
     lease.release()
     lease.release()  # idempotent: the slot is freed once
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(QuotaExceeded) as refused:
         quotas.admit("a", limited)
     assert refused.value.limit == "tokens_per_minute" and refused.value.type == "tokens"
     now[0] = 61.0
     quotas.admit("a", limited)
     assert other.weight == 1.0 and admin[0].tenant is None
+
+
+def test_cli_shows_and_sets_a_tenants_weight_and_quotas(server, capsys):
+    import json
+
+    from server.cli import main
+
+    common = ["--url", server.base_url, "--admin-key", ADMIN]
+    tenant(server, "cli-set", tokens_per_minute=100)
+    assert main(["tenants", "set", "cli-set", "--weight", "2.5", "--requests-per-minute", "30", "--tokens-per-minute", "unlimited", *common]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["weight"], shown["requests_per_minute"], shown["tokens_per_minute"], shown["max_concurrent_requests"]) == (2.5, 30, None, None)
+    assert main(["tenants", "show", "cli-set", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["requests_per_minute"] == 30
+    with pytest.raises(SystemExit, match="nothing to change"):
+        main(["tenants", "set", "cli-set", *common])
+    with pytest.raises(SystemExit, match="HTTP 400: weight"):
+        main(["tenants", "set", "cli-set", "--weight", "5000", *common])
+    with pytest.raises(SystemExit):
+        main(["tenants", "set", "cli-set", "--max-concurrent-requests", "0", *common])  # argparse refuses it
