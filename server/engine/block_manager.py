@@ -137,3 +137,8 @@ class BlockManager:
                     self.free_blocks.move_to_end(block, last=False)
         seq.block_table = []
         seq.num_published_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (blocks in use keep their contents; they are simply no longer findable)."""
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks

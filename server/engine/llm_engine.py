@@ -104,7 +104,7 @@ class LLMEngine:
         adapter_kernels = select_kernels(self.device, config.kernels)
         self.model.use_kernels(adapter_kernels)
         self.kernels = describe_kernels(self.device, self.quantization, config.quant_group_size, adapter_kernels.name)
-        if self.device.type == "cpu" and dtype == torch.float32 and adapter_kernels.name == "torch":
+        if self.device.type == "cpu" and dtype == torch.float32 and adapter_kernels.name == "torch-cpu":
             # LoRA's segmented op in C++ (kernels.cpu_lora): built now (once per machine, ~20-60 s) or
             # loaded from its cache, so that no request waits for it
             self.kernels["adapters"] += ("; LoRA segments: C++ op (kernels/csrc/lora_cpu.cpp)" if cpu_lora.get() is not None
