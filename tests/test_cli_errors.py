@@ -184,7 +184,7 @@ class _Canned(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_DELETE = _answer
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
@@ -237,6 +237,8 @@ ADMIN_COMMANDS = [
     ["adapters", "push", "{adapter}", "--tenant", "acme", "--name", "support"],
     ["tenants", "create", "acme"],
     ["tenants", "key", "acme"],
+    ["tenants", "show", "acme"],
+    ["tenants", "set", "acme", "--requests-per-minute", "60"],
 ]
 
 
