@@ -131,3 +131,50 @@ def test_the_engine_admits_the_light_tenant_first_under_fair_scheduling(engine):
     order = sorted(seqs, key=lambda s: s.first_scheduled_time)
     assert [s.tenant for s in order].index("light") <= 2
     assert all(s.output_token_ids == seqs[0].output_token_ids for s in seqs)  # same prompt, same tokens
+
+
+# -- through the real HTTP server, tenants calling with their own keys ---------------------------
+def test_over_http_a_flooding_tenant_delays_itself_under_fair_and_everyone_under_fcfs(model_dir, tmp_path):
+    import asyncio
+
+    import httpx
+
+    from server.adapters.service import build_adapter_service
+    from server.api.app import build_app
+    from server.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+    from tests.conftest import LiveServer
+
+    engine = LLMEngine(EngineConfig(quantization="none", model=model_dir, kv_cache_tokens=4096, max_num_seqs=2, enforce_eager=True))
+    service = build_adapter_service(engine, str(tmp_path / "store"), None, tmp_path / "cache", 1 << 30, 1 << 30)
+
+    async def keys():
+        for t in ("heavy", "light"):
+            await service.registry.create_tenant(t)
+        return {t: (await service.registry.create_key(t))[1] for t in ("heavy", "light")}
+
+    key = asyncio.run(keys())
+    with LiveServer(build_app(engine, api_key="admin-key", adapter_service=service)) as srv:
+
+        async def finish_order() -> list[str]:
+            order: list[str] = []
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
+                async def one(tenant: str, i: int) -> None:
+                    body = {"model": engine.model_name, "prompt": f"Count to {i}:", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+                    r = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key[tenant]}"})
+                    assert r.status_code == 200, r.text
+                    order.append(tenant)
+
+                flood = [asyncio.ensure_future(one("heavy", i)) for i in range(20)]  # 10x the light tenant's load
+                while len(engine.scheduler.waiting) < 12:  # the flood is queued first
+                    await asyncio.sleep(0.01)
+                await asyncio.gather(*(one("light", i) for i in range(2)), *flood)
+            return order
+
+        positions = {}
+        for policy in ("fcfs", "fair"):
+            engine.scheduler.waiting = waiting_queue(policy)  # the server is idle between the two runs
+            order = asyncio.run(finish_order())
+            positions[policy] = [i for i, t in enumerate(order) if t == "light"]
+    assert min(positions["fcfs"]) >= 12  # behind the queued flood
+    assert max(positions["fair"]) <= 6  # ahead of it: admitted as soon as a slot frees
