@@ -1,6 +1,6 @@
 """Per-tenant quotas (429 + Retry-After), weights and per-tenant metrics, through a live server.
 
-The server counts "per minute" over a 3 s window here (TenantQuotas(window_s=...)), so that a
+The server counts "per minute" over a 4 s window here (TenantQuotas(window_s=...)), so that a
 refused tenant recovers within the test; the product default is 60 s."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from server.config import EngineConfig
 from tests.conftest import LiveServer
 
 ADMIN = "admin-secret"
-WINDOW_S = 3.0
+WINDOW_S = 4.0
 
 
 @pytest.fixture(scope="module")
