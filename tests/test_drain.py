@@ -111,7 +111,7 @@ def test_requests_still_running_after_drain_seconds_end_with_a_final_error_and_t
     assert final == {"error": {"message": SHUTTING_DOWN_MESSAGE, "type": "server_error", "param": None, "code": SHUTTING_DOWN}}
     assert len(stream.lines) < 1500  # ended early, not run to its length
     (r,) = blocking
-    assert r.status_code == 503 and r.json()["error"]["code"] == SHUTTING_DOWN
+    assert r.status_code == 503 and r.json()["error"]["code"] == SHUTTING_DOWN and int(r.headers["retry-after"]) > 0
 
 
 def test_a_second_signal_ends_the_open_requests_at_once_and_exits_0(model_dir, tmp_path):

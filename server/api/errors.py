@@ -76,8 +76,9 @@ def too_large(limit: int, upload: bool = False) -> APIError:
 def to_api_error(exc: Exception, admin: bool = False) -> APIError:
     """The HTTP answer to a domain error. The registry's messages may name the store: only the admin
     sees them; a tenant learns that the registry is unreachable and when to retry."""
-    if isinstance(exc, RequestFailed):
-        return APIError(exc.status, str(exc), type="server_error" if exc.status >= 500 else INVALID, code=exc.code)
+    if isinstance(exc, RequestFailed):  # a 503 (the server shutting down) is worth retrying elsewhere or soon
+        headers = {"Retry-After": str(errors.RETRY_AFTER_S)} if exc.status == 503 else None
+        return APIError(exc.status, str(exc), type="server_error" if exc.status >= 500 else INVALID, code=exc.code, headers=headers)
     status, kind, code = next(STATUS_OF[cls] for cls in type(exc).__mro__ if cls in STATUS_OF)
     message = getattr(exc, "message", str(exc))
     if isinstance(exc, store_errors.RegistryError) and status == 503 and not admin:
