@@ -108,7 +108,8 @@ class EngineClient:
         """What the server runs on, for the admin's /health."""
         e = self._engine
         return {"model": e.model_name, "device": str(e.device), "dtype": e.dtype_name, "lora_dtype": e.lora_dtype_name, "adapters_resident": len(e.adapters.resident),
-                "quantization": e.quantization, "kernels": e.kernels,
+                "quantization": e.quantization, "kernels": e.kernels, "scheduling": e.config.scheduling,
+                "prefix_caching": e.block_manager.enable_prefix_caching,
                 "decode_fast_path": "off (eager)" if e.runner.graphs is None else e.runner.graphs.describe()}  # fmt: skip
 
     def observe(self, metrics) -> None:
