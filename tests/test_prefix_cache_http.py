@@ -50,7 +50,7 @@ def server(model_dir, adapter_dirs, tmp_path_factory):
         assert http.put("/admin/v1/adapters/t/rec/users/alice", json={"weights": [0.7, 0.1, 0.1, 0.1]}).status_code == 200
         r = http.post("/admin/v1/adapters:generate", json={"tenant": "t", "name": "sg", "description": "help customers write Python", "top_k": 2})
         assert r.status_code == 201, r.text
-        srv.http, srv.engine = http, engine
+        srv.http, srv.engine, srv.store_root = http, engine, tmp / "store"
         srv.client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
         yield srv
 
