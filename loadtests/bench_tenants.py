@@ -84,15 +84,19 @@ async def stream_one(client: httpx.AsyncClient, key: str, model: str, prompt: st
     return (first if first is not None else time.perf_counter() - t0), tokens
 
 
-async def closed_loop(client, jobs: list[tuple[str, str, str]], concurrency: int, max_tokens: int) -> tuple[list[float], float]:
-    """Run (key, model, prompt) jobs with `concurrency` in flight: (TTFTs, generated tokens/s)."""
+async def closed_loop(client, jobs: list[tuple[str, str, str]], concurrency: int, max_tokens: int,
+                      until: asyncio.Event | None = None) -> tuple[list[float], float]:
+    """Run (key, model, prompt) jobs with `concurrency` in flight (with `until`: cycling through them until
+    it is set): (TTFTs, generated tokens/s)."""
     queue = list(reversed(jobs))
     ttfts, tokens = [], 0
 
     async def worker():
         nonlocal tokens
-        while queue:
+        while queue and not (until is not None and until.is_set()):
             key, model, prompt = queue.pop()
+            if until is not None:
+                queue.insert(0, (key, model, prompt))
             ttft, n = await stream_one(client, key, model, prompt, max_tokens)
             ttfts.append(ttft)
             tokens += n
@@ -137,20 +141,22 @@ async def bench_prefix(args, engine, client, tenants) -> None:
 async def bench_fairness(args, engine, client, tenants) -> None:
     (heavy, (heavy_key, heavy_models)), (light, (light_key, light_models)) = list(tenants.items())[:2]
     prompt = "Tell me about bicycles. "
-    heavy_jobs = [(heavy_key, heavy_models[i % len(heavy_models)], prompt + str(i)) for i in range(args.flood_requests)]
+    heavy_jobs = [(heavy_key, heavy_models[i % len(heavy_models)], prompt + str(i)) for i in range(64)]
     light_jobs = [(light_key, light_models[i % len(light_models)], prompt + str(i)) for i in range(args.light_requests)]
-    print(f"\n(b) fairness: {heavy} keeps {args.flood_concurrency} requests in flight ({args.flood_requests} in all), {light} keeps "
+    print(f"\n(b) fairness: {heavy} keeps {args.flood_concurrency} requests in flight for as long as {light} runs, {light} keeps "
           f"{args.light_concurrency} ({args.light_requests} in all), {args.max_tokens} tokens each; the engine runs {engine.scheduler.max_num_seqs} sequences at once")
     for r in range(args.rounds):
         for policy in (("fcfs", "fair") if r % 2 == 0 else ("fair", "fcfs")):
             engine.scheduler.waiting = waiting_queue(policy)
+            light_done = asyncio.Event()
             t0 = time.perf_counter()
-            flood = asyncio.ensure_future(closed_loop(client, heavy_jobs, args.flood_concurrency, args.max_tokens))
+            flood = asyncio.ensure_future(closed_loop(client, heavy_jobs, args.flood_concurrency, args.max_tokens, until=light_done))
             await asyncio.sleep(2.0)  # the flood's queue builds up first
             light_ttfts, _ = await closed_loop(client, light_jobs, args.light_concurrency, args.max_tokens)
-            heavy_ttfts, _ = await flood
-            wall = time.perf_counter() - t0
-            total = args.max_tokens * (len(heavy_jobs) + len(light_jobs)) / wall
+            light_done.set()
+            heavy_ttfts, heavy_tps = await flood  # its requests in flight finish
+            wall = time.perf_counter() - t0  # the flood's own span
+            total = heavy_tps + len(light_jobs) * args.max_tokens / wall
             lp, hp = percentiles(light_ttfts), percentiles(heavy_ttfts)
             print(f"  round {r + 1} {policy:4s}: light TTFT p50 {1000 * lp['p50']:7.1f} ms  p99 {1000 * lp['p99']:7.1f} ms   "
                   f"heavy TTFT p50 {1000 * hp['p50']:7.1f} ms   total {total:6.1f} tok/s")
@@ -184,7 +190,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--kv-cache-tokens", type=int, default=65536)
-    ap.add_argument("--flood-requests", type=int, default=160)
     ap.add_argument("--flood-concurrency", type=int, default=48)
     ap.add_argument("--light-requests", type=int, default=16)
     ap.add_argument("--light-concurrency", type=int, default=2)
