@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PIP) install torch; \
 	fi
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,ray]'
 	touch $@
 
 # Fetch + convert the embedded default model into $HOTSWAP_HOME (once).

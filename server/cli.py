@@ -13,6 +13,7 @@ from typing import NoReturn
 from server.admin_client import add_admin_commands, run_admin_command
 from server.api.limits import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from server.console import CliError, setup_logging
+from server.ray_serve.cli import add_ray_arguments, check_ray_arguments
 
 log = logging.getLogger("hotswap")
 
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "run for up to S seconds, end the rest with a final error, exit 0 (0: end them at once; a second signal: now)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    add_ray_arguments(serve)
+
     add_admin_commands(sub)
 
     convert = sub.add_parser("convert", help="make a compact adapter from a fine-tuned checkpoint",
@@ -182,7 +185,8 @@ def _check_serve_inputs(args: argparse.Namespace) -> None:
     from server.engine.device import DeviceUnavailable, resolve_device  # imports torch: a second, before the model's minutes
 
     try:
-        resolve_device(args.device)
+        if not args.ray:  # with --ray the replicas' machines matter, not this one's (server.ray_serve.cli)
+            resolve_device(args.device)
     except DeviceUnavailable as e:
         raise CliError(str(e)) from None
     if args.model is not None:
@@ -264,9 +268,9 @@ def _serve(args) -> int:
         return 2
     if not args.drain_seconds >= 0:  # NaN too
         raise CliError(f"--drain-seconds {args.drain_seconds}: give the seconds open requests may run on after SIGTERM, 0 or more")
+    check_ray_arguments(args)
     _check_serve_inputs(args)
-    if args.model is None:
-        _embedded_model_dir()  # fetch it now, so that a failure is one clear line (the engine reuses it)
+    model_dir = args.model if args.model is not None else _embedded_model_dir()  # fetched now: a failure is one clear line
 
     import time
 
@@ -275,27 +279,21 @@ def _serve(args) -> int:
     from server.adapters.service import build_adapter_service
     from server.api.app import build_app
     from server.api.guard import SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE
-    from server.config import EngineConfig
     from server.engine.client import RequestFailed
     from server.engine.llm_engine import LLMEngine
 
-    config = EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
-        lora_dtype=args.lora_dtype, quantization=args.quantization, quant_group_size=args.quant_group_size,
-        adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
-        max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        speculative=args.speculative_config, enable_prefix_caching=args.enable_prefix_caching, scheduling=args.scheduling,
-    )
-    engine = LLMEngine.on_own_thread(config)  # built where its loop will run: server.engine.engine_thread
-    service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
-    logging.getLogger("hotswap").info("adapter registry: %s", service.registry.store.description)
+    config = engine_config(args)
     limits = RequestLimits(
         max_request_bytes=args.max_request_bytes, max_adapter_bytes=args.max_adapter_bytes,
         max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
     )
+    if args.ray:  # the engines run in Ray Serve replicas, the HTTP layer in its ingress (server/ray_serve)
+        from server.ray_serve.cli import serve_on_ray
+
+        return serve_on_ray(args, config, Path(model_dir).resolve(), limits)
+    engine = LLMEngine.on_own_thread(config)  # built where its loop will run: server.engine.engine_thread
+    service = build_adapter_service(engine, args.store, args.s3_endpoint, args.cache_dir, args.disk_cache_bytes, args.host_adapter_bytes)
+    logging.getLogger("hotswap").info("adapter registry: %s", service.registry.store.description)
     app = build_app(engine, api_key=args.admin_key, adapter_service=service, limits=limits, enable_docs=args.enable_docs)
 
     admission, client = app.state.admission, app.state.engine
@@ -342,6 +340,22 @@ def _serve(args) -> int:
     # engine (an upload, say) is cut off after this.
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=FINAL_GRACE_S)).run()
     return 0
+
+
+def engine_config(args: argparse.Namespace):
+    """The engine's settings from `hotswap serve`'s flags (one engine in-process, or each Ray Serve replica's)."""
+    from server.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+        lora_dtype=args.lora_dtype, quantization=args.quantization, quant_group_size=args.quant_group_size,
+        adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_lora_rank=args.max_lora_rank, threads=args.threads, adapter_memory_bytes=args.adapter_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        speculative=args.speculative_config, enable_prefix_caching=args.enable_prefix_caching, scheduling=args.scheduling,
+    )
 
 
 FINAL_GRACE_S = 5  # seconds connections get to finish after the drain ends what still runs

@@ -26,7 +26,7 @@ from server.metrics import Metrics
 
 
 def build_app(
-    engine: LLMEngine,
+    engine: LLMEngine | EngineClient,
     api_key: str | None = None,
     adapter_service: AdapterService | None = None,
     limits: RequestLimits | None = None,
@@ -35,12 +35,14 @@ def build_app(
 ) -> FastAPI:
     """`api_key` is the admin key: with it, /v1 needs the admin or a tenant key, /admin/v1 the admin key,
     and /docs, /openapi.json are off unless `enable_docs`. Without it the server is open (the CLI then
-    binds loopback only)."""
+    binds loopback only). `engine` is an LLMEngine, served in this process through an EngineClient, or an
+    object with EngineClient's interface already built (the Ray Serve ingress's client of remote engine
+    replicas: server.ray_serve)."""
     limits = limits or RequestLimits()
     metrics = metrics or Metrics()
     if adapter_service is not None:
         adapter_service.metrics = metrics  # the service reports to the app that serves it
-    client = EngineClient(engine, on_step=metrics.observe_step)
+    client = EngineClient(engine, on_step=metrics.observe_step) if isinstance(engine, LLMEngine) else engine
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -25,7 +25,7 @@ from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 from server.models.config import ModelConfig
 
 # What requests are made of, re-exported for the HTTP layer (it imports this module only).
-__all__ = ["EngineClient", "EngineLimits", "AdapterSummary", "LLMEngine", "RequestFailed", "RequestOutput", "SamplingParams", "Sequence",
+__all__ = ["EngineClient", "TextOps", "EngineLimits", "AdapterSummary", "LLMEngine", "RequestFailed", "RequestOutput", "SamplingParams", "Sequence",
            "MIN_TEMPERATURE", "ADAPTER_FILES"]
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter upload is made of (every family uses PEFT's two file names)
@@ -57,7 +57,41 @@ class AdapterSummary:
     units: dict[str, int]  # module -> rank (or entries), the largest over layers
 
 
-class EngineClient:
+class TextOps:
+    """Tokenizing and chat templates, for a client that holds the model's tokenizer (`self.tokenizer`):
+    the in-process client, and the Ray Serve ingress's remote one (server.ray_serve), which tokenizes
+    before it sends token ids to an engine replica."""
+
+    tokenizer: object
+
+    # -- text ------------------------------------------------------------------------------------
+    async def tokenize(self, text: str) -> list[int]:
+        encode = self.tokenizer
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(lambda: encode(text)["input_ids"])
+        return encode(text)["input_ids"]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    async def render_chat(self, messages: list[dict]) -> list[int]:
+        """The prompt tokens of a conversation under the model's chat template (InvalidRequest if the
+        template refuses it, e.g. "roles must alternate")."""
+        tok = self.tokenizer
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as e:
+                raise InvalidRequest(f"the model's chat template refuses these messages: {e.message or 'template error'}", param="messages") from None
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        chars = sum(len(m["content"]) for m in messages) + TEMPLATE_CHARS_PER_MESSAGE * len(messages)
+        return await asyncio.to_thread(render) if chars > OFFLOAD_CHARS else render()
+
+
+class EngineClient(TextOps):
     def __init__(self, engine: LLMEngine, on_step=None):
         self._engine = engine
         self._async = AsyncEngine(engine, on_step=on_step)
@@ -84,6 +118,10 @@ class EngineClient:
     @property
     def model_name(self) -> str:
         return self._engine.model_name
+
+    @property
+    def tokenizer(self):
+        return self._engine.tokenizer
 
     @property
     def model_dir(self) -> Path:
@@ -115,32 +153,6 @@ class EngineClient:
     def observe(self, metrics) -> None:
         """Refresh the engine's gauges in `metrics` (server.metrics.Metrics)."""
         metrics.observe_engine(self._engine)
-
-    # -- text ------------------------------------------------------------------------------------
-    async def tokenize(self, text: str) -> list[int]:
-        encode = self._engine.tokenizer
-        if len(text) > OFFLOAD_CHARS:
-            return await asyncio.to_thread(lambda: encode(text)["input_ids"])
-        return encode(text)["input_ids"]
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self._engine.tokenizer.chat_template)
-
-    async def render_chat(self, messages: list[dict]) -> list[int]:
-        """The prompt tokens of a conversation under the model's chat template (InvalidRequest if the
-        template refuses it, e.g. "roles must alternate")."""
-        tok = self._engine.tokenizer
-
-        def render() -> list[int]:
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except TemplateError as e:
-                raise InvalidRequest(f"the model's chat template refuses these messages: {e.message or 'template error'}", param="messages") from None
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-        chars = sum(len(m["content"]) for m in messages) + TEMPLATE_CHARS_PER_MESSAGE * len(messages)
-        return await asyncio.to_thread(render) if chars > OFFLOAD_CHARS else render()
 
     # -- requests --------------------------------------------------------------------------------
     def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:

@@ -1,0 +1,210 @@
+"""hotswap on Ray Serve (server/ray_serve): one ingress, two engine replicas, one registry, over real HTTP.
+
+A local Ray instance of 2 CPUs started here; two small replicas (eager, float32, a small KV cache) and
+the registry on a temporary directory with an admin key and two tenants. Through the `openai` SDK:
+greedy tokens equal an in-process engine's; adapter affinity by the replica header; uploads, new
+versions and deletes through the ingress; tenant isolation; and a replica killed mid-stream.
+"""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'hotswap[ray]')")
+serve = pytest.importorskip("ray.serve")
+
+from loadtests.servers import free_port  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.ray_serve.wire import REPLICA_HEADER  # noqa: E402
+from tests.conftest import greedy_outputs  # noqa: E402
+
+ADMIN = "ray-admin-key"
+PROMPT = "The capital of France is"
+APP = "hotswap-test"
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, tmp_path_factory):
+    """Ray with 2 CPUs, two engine replicas of 1 CPU each, the ingress on a free loopback port."""
+    from server.api.limits import RequestLimits
+    from server.ray_serve.app import ScaleOut, deploy, undeploy
+    from server.ray_serve.ingress import IngressSettings
+    from server.ray_serve.replica import ReplicaSettings
+
+    root = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="hotswap-tests")
+    store, cache = str(root / "store"), root / "cache"
+    engine = EngineConfig(model=model_dir, served_model_name="smollm2", quantization="none", lora_dtype="float32", enforce_eager=True,
+                          kv_cache_tokens=2048, max_num_seqs=8, max_lora_rank=32, adapter_memory_bytes=64 * 2**20)  # fmt: skip
+    replica = ReplicaSettings(engine=engine, store=store, cache_dir=cache, disk_cache_bytes=1 << 30, host_adapter_bytes=1 << 30, max_adapters=4)
+    ingress = IngressSettings(store=store, cache_dir=cache, admin_key=ADMIN,
+                              limits=RequestLimits(max_adapter_bytes=24 * 2**20))  # fmt: skip
+    port = free_port()
+    try:
+        deploy(replica, ingress, ScaleOut(replicas=2, replica_cpus=1, graceful_shutdown_s=1, health_check_period_s=1), name=APP, http_port=port)
+        c = _Cluster(f"http://127.0.0.1:{port}")
+        for tenant in ("acme", "globex"):
+            assert c.admin.post("/admin/v1/tenants", json={"name": tenant}).status_code == 201
+        c.keys = {t: c.admin.post(f"/admin/v1/tenants/{t}/keys").json()["key"] for t in ("acme", "globex")}
+        c.wait_until(lambda: len(c.ready_replicas()) == 2, "both replicas report to the board")
+        yield c
+    finally:
+        undeploy(APP)
+        serve.shutdown()
+        ray.shutdown()
+
+
+class _Cluster:
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.admin = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+        self.keys: dict[str, str] = {}
+
+    def client(self, tenant: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.keys[tenant] if tenant else ADMIN, max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        return self.admin.get("/health").json()
+
+    def ready_replicas(self) -> dict[str, dict]:
+        return {rid: r for rid, r in self.health().get("replicas", {}).items() if r["state"] == "ready"}
+
+    def upload(self, tenant: str, name: str, adapter_dir, **fields) -> dict:
+        files = {n: (n, (adapter_dir / n).read_bytes()) for n in ("adapter_config.json", "adapter_model.safetensors")}
+        data = {"tenant": tenant, "name": name, **{k: str(v).lower() for k, v in fields.items()}}
+        r = self.admin.post("/admin/v1/adapters", data=data, files=files)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    @staticmethod
+    def wait_until(check, what: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting until {what}")
+            time.sleep(0.5)
+
+
+def greedy(client: openai.OpenAI, model: str, n: int = 12) -> tuple[str, str]:
+    """(text, the replica header) of a greedy completion."""
+    raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0)
+    return raw.parse().choices[0].text, raw.headers.get(REPLICA_HEADER)
+
+
+def local_text(engine, adapter: str | None, n: int = 12) -> str:
+    """What the in-process engine generates greedily (the same weights, one process)."""
+    ids = greedy_outputs(engine, [(PROMPT, adapter)], n)[0]
+    eos = engine.eos_token_ids
+    ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_completion_chat_and_stream_through_the_ingress_equal_an_in_process_engine(cluster, engine):
+    admin = cluster.client()
+    text, replica = greedy(admin, "smollm2")
+    assert text == local_text(engine, None)
+    assert replica in cluster.ready_replicas()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = admin.chat.completions.create(model="smollm2", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(admin.chat.completions.create(model="smollm2", messages=messages, max_tokens=10, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content and streamed
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    with httpx.stream("POST", cluster.base_url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"},
+                      json={"model": "smollm2", "prompt": PROMPT, "max_tokens": 4, "stream": True}) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers[REPLICA_HEADER] in cluster.ready_replicas()
+        assert r.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_errors_keep_their_statuses_and_the_admin_api_its_key(cluster):
+    admin = cluster.client()
+    with pytest.raises(openai.NotFoundError):
+        admin.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        admin.completions.create(model="smollm2", prompt="word " * 3000, max_tokens=2)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+    tenant_on_admin = httpx.get(cluster.base_url + "/admin/v1/adapters", headers={"Authorization": f"Bearer {cluster.keys['acme']}"})
+    assert tenant_on_admin.status_code == 401
+    assert httpx.get(cluster.base_url + "/health").json() == {"status": "ready"}  # the public view names nothing
+
+
+def test_requests_for_an_adapter_stay_on_the_replica_that_loaded_it(cluster, adapter_dirs, engine):
+    cluster.upload("acme", "affine-a", adapter_dirs["r8-all"])
+    cluster.upload("acme", "affine-b", adapter_dirs["r4-qv"])
+    acme = cluster.client("acme")
+    placed = {}
+    for model, static in (("affine-a", "r8-all"), ("affine-b", "r4-qv")):
+        seen = set()
+        for _ in range(4):
+            text, replica = greedy(acme, model)
+            assert text == local_text(engine, static)
+            seen.add(replica)
+        assert len(seen) == 1, f"{model} was served by {seen}"
+        placed[model] = seen.pop()
+    # a new adapter goes to the replica holding fewer: both replicas serve
+    assert set(placed.values()) == set(cluster.ready_replicas()), placed
+    # the replicas report what they hold; /metrics has them per replica and summed
+    cluster.wait_until(lambda: all(r["adapters_routed"] >= 1 for r in cluster.ready_replicas().values()), "the replicas report their adapters")
+    metrics = cluster.admin.get("/metrics").text
+    assert all(f'hotswap_replica_up{{replica="{rid}"}} 1.0' in metrics for rid in placed.values())
+    residency = cluster.admin.get("/admin/v1/adapters/acme/affine-a").json()
+    assert residency["residency"]["device"] is True
+
+
+def test_upload_new_version_and_delete_through_the_ingress_reach_every_replica(cluster, adapter_dirs, engine):
+    acme = cluster.client("acme")
+    cluster.upload("acme", "versioned", adapter_dirs["r4-qv"])
+    assert greedy(acme, "versioned")[0] == local_text(engine, "r4-qv")
+    m = cluster.upload("acme", "versioned", adapter_dirs["r2-mlp"], new_version=True)
+    assert m["version"] == 2
+    # the request carries the version the ingress resolved: v2 at once, never the v1 a replica holds
+    assert greedy(acme, "versioned")[0] == local_text(engine, "r2-mlp")
+    assert cluster.admin.delete("/admin/v1/adapters/acme/versioned").status_code == 200
+    for _ in range(4):
+        with pytest.raises(openai.NotFoundError):
+            acme.completions.create(model="versioned", prompt="hi", max_tokens=2)
+    # the same name uploaded again starts at v1 with other contents: served as the new contents
+    cluster.upload("acme", "versioned", adapter_dirs["r8-all"])
+    assert greedy(acme, "versioned")[0] == local_text(engine, "r8-all")
+
+
+def test_tenants_see_only_their_own_adapters(cluster, adapter_dirs):
+    cluster.upload("acme", "private", adapter_dirs["r2-mlp"])
+    globex = cluster.client("globex")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        globex.completions.create(model="acme/private", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as missing:
+        globex.completions.create(model="acme/none-such", prompt="hi", max_tokens=2)
+    assert hidden.value.body["message"].replace("private", "X") == missing.value.body["message"].replace("none-such", "X")
+    assert "acme/private" not in {m.id for m in globex.models.list().data}
+    assert greedy(cluster.client("acme"), "private")[0]
+
+
+def test_a_replica_killed_mid_stream_fails_that_stream_retryably_and_the_app_recovers(cluster, adapter_dirs):
+    cluster.upload("acme", "doomed", adapter_dirs["r12-ko"])
+    acme = cluster.client("acme")
+    _, victim = greedy(acme, "doomed")
+    actor = cluster.ready_replicas()[victim]["actor"]
+    stream = acme.completions.create(model="doomed", prompt=PROMPT, max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    received = []
+    with pytest.raises(openai.APIError) as lost:
+        for chunk in stream:
+            received.append(chunk.choices[0].text)
+            if len(received) == 3:
+                ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+    assert len(received) >= 3
+    assert "retry" in lost.value.message
+    # the next requests find a live replica (routing again when the dead one is picked first)
+    text, replica = greedy(acme, "doomed")
+    assert text and replica != victim
+    assert greedy(acme, "smollm2")[0]
+    # Ray Serve replaces the dead replica; it reports in and serves
+    cluster.wait_until(lambda: len(cluster.ready_replicas()) == 2 and victim not in cluster.ready_replicas(), "a new replica replaces the killed one",
+                       timeout=120)  # fmt: skip
+    assert {greedy(acme, "smollm2")[1] for _ in range(6)} <= set(cluster.ready_replicas())
