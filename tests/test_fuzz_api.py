@@ -69,6 +69,7 @@ OPERATIONS = [
     "GET /admin/v1/tenants",
     "POST /admin/v1/tenants",
     "POST /admin/v1/tenants/{tenant}/keys",
+    "GET /admin/v1/tenants/{tenant}",
     "GET /admin/v1/adapters",
     "GET /admin/v1/adapters/{tenant}/{name}",
     # The upload route parses `request.form()` itself, so the schema declares no body and
@@ -83,6 +84,7 @@ OPERATIONS = [
     "POST /admin/v1/adapters/{tenant}/{name}/unpin",
     "PUT /admin/v1/adapters/{tenant}/{name}/users/{user}",
     "GET /admin/v1/adapters/{tenant}/{name}/users/{user}",
+    "PATCH /admin/v1/tenants/{tenant}",  # quotas: aimed at the fuzz tenant only, like the deletions
     "DELETE /admin/v1/tenants/{tenant}/keys/{key_id}",
     "DELETE /admin/v1/adapters/{tenant}/{name}",
     "DELETE /admin/v1/generators/{tenant}/{name}",
@@ -91,7 +93,7 @@ OPERATIONS = [
 # A tenant of this module's own, with an adapter and a key that fuzzed deletions may destroy.
 FUZZ_TENANT, FUZZ_ADAPTER, FUZZ_SOURCE, FUZZ_RECLORA = "fuzz", "victim", "r2-mlp", "persona"
 WITNESS_TENANT = "globex"  # its adapter serves the Witness stream: nothing destructive may name it
-DESTRUCTIVE = {"DELETE /admin/v1/tenants/{tenant}/keys/{key_id}", "DELETE /admin/v1/adapters/{tenant}/{name}"}
+DESTRUCTIVE = {"DELETE /admin/v1/tenants/{tenant}/keys/{key_id}", "DELETE /admin/v1/adapters/{tenant}/{name}", "PATCH /admin/v1/tenants/{tenant}"}
 
 # Exception class names that would mean a Python error's text reached a client.
 EXCEPTION_NAMES = sorted(n for n in dir(builtins) if n.endswith("Error")) + ["botocore", "ClientError", "StoreUnavailable"]
