@@ -74,23 +74,31 @@ def build_app(
     app.include_router(generate_router)
     app.include_router(generators_router)
 
-    @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        """Public: only whether the server is ready. With the admin key: what it runs on."""
-        if state.admission.draining:
-            status = "draining"
-        else:
-            status = "ready" if client.healthy else "stopped"
-        body: dict = {"status": status}
-        if is_admin_request(request, api_key):
-            body |= client.describe() | {"registry": adapter_service.registry.store.description if adapter_service else None}
-        return JSONResponse(body, status_code=200 if status == "ready" else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        client.observe(metrics)
-        if adapter_service is not None:
-            metrics.observe_tiers(adapter_service)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
     return app
+
+
+# Module-level, not closures in build_app: FastAPI caches endpoint callables process-wide (an LRU of
+# 4,096 in fastapi.dependencies.models), so a closure would keep its app's engine alive after the app
+# is gone; reading the app's state per request keeps nothing.
+async def health(request: Request) -> JSONResponse:
+    """Public: only whether the server is ready. With the admin key: what it runs on."""
+    state = request.app.state
+    if state.admission.draining:
+        status = "draining"
+    else:
+        status = "ready" if state.engine.healthy else "stopped"
+    body: dict = {"status": status}
+    if is_admin_request(request, state.admin_key):
+        service = state.adapter_service
+        body |= state.engine.describe() | {"registry": service.registry.store.description if service else None}
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+
+async def prometheus(request: Request) -> Response:
+    state = request.app.state
+    state.engine.observe(state.metrics)
+    if state.adapter_service is not None:
+        state.metrics.observe_tiers(state.adapter_service)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
