@@ -282,11 +282,7 @@ def _serve(args) -> int:
     from server.engine.client import RequestFailed
     from server.engine.llm_engine import LLMEngine
 
-    config = engine_config(args)
-    limits = RequestLimits(
-        max_request_bytes=args.max_request_bytes, max_adapter_bytes=args.max_adapter_bytes,
-        max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens,
-    )
+    config, limits = engine_config(args), request_limits(args)
     if args.ray:  # the engines run in Ray Serve replicas, the HTTP layer in its ingress (server/ray_serve)
         from server.ray_serve.cli import serve_on_ray
 
@@ -340,6 +336,11 @@ def _serve(args) -> int:
     # engine (an upload, say) is cut off after this.
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=FINAL_GRACE_S)).run()
     return 0
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(max_request_bytes=args.max_request_bytes, max_adapter_bytes=args.max_adapter_bytes, max_n=args.max_n,
+                         max_prompt_tokens=args.max_prompt_tokens)  # fmt: skip
 
 
 def engine_config(args: argparse.Namespace):

@@ -7,6 +7,8 @@ versions and deletes through the ingress; tenant isolation; and a replica killed
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import httpx
@@ -94,12 +96,17 @@ def greedy(client: openai.OpenAI, model: str, n: int = 12) -> tuple[str, str]:
     return raw.parse().choices[0].text, raw.headers.get(REPLICA_HEADER)
 
 
+_LOCAL: dict[tuple[str | None, int], str] = {}
+
+
 def local_text(engine, adapter: str | None, n: int = 12) -> str:
-    """What the in-process engine generates greedily (the same weights, one process)."""
-    ids = greedy_outputs(engine, [(PROMPT, adapter)], n)[0]
-    eos = engine.eos_token_ids
-    ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
-    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+    """What the in-process engine generates greedily (the same weights, one process), up to EOS."""
+    if (adapter, n) not in _LOCAL:
+        ids = greedy_outputs(engine, [(PROMPT, adapter)], n)[0]
+        eos = engine.eos_token_ids
+        ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+        _LOCAL[(adapter, n)] = engine.tokenizer.decode(ids, skip_special_tokens=True)
+    return _LOCAL[(adapter, n)]
 
 
 def test_completion_chat_and_stream_through_the_ingress_equal_an_in_process_engine(cluster, engine):
@@ -199,7 +206,7 @@ def test_a_replica_killed_mid_stream_fails_that_stream_retryably_and_the_app_rec
             if len(received) == 3:
                 ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
     assert len(received) >= 3
-    assert "retry" in lost.value.message
+    assert lost.value.code == "replica_unavailable" and "retry" in lost.value.message  # in-band: the status line went out long ago
     # the next requests find a live replica (routing again when the dead one is picked first)
     text, replica = greedy(acme, "doomed")
     assert text and replica != victim
@@ -208,3 +215,38 @@ def test_a_replica_killed_mid_stream_fails_that_stream_retryably_and_the_app_rec
     cluster.wait_until(lambda: len(cluster.ready_replicas()) == 2 and victim not in cluster.ready_replicas(), "a new replica replaces the killed one",
                        timeout=120)  # fmt: skip
     assert {greedy(acme, "smollm2")[1] for _ in range(6)} <= set(cluster.ready_replicas())
+
+
+def test_the_application_builder_takes_the_serve_flags(cluster, model_dir, tmp_path):
+    """`serve run server.ray_serve.app:app_builder ...` and a KubeRay RayService build the app from a dict."""
+    from ray.serve import Application
+
+    from server.console import CliError
+    from server.ray_serve.app import app_builder
+
+    app = app_builder({"model": str(model_dir), "store": str(tmp_path / "store"), "replicas": 3, "device": "cuda", "max_replicas": 4,
+                       "enforce_eager": True, "adapter": ["a=/x", "b=/y"]})  # fmt: skip
+    assert isinstance(app, Application)
+    with pytest.raises(CliError, match="every replica must open the same store"):  # refused as on the command line
+        app_builder({"store": "memory://"})
+
+
+def test_without_ray_flag_nothing_imports_ray():
+    code = ("import sys; from server.cli import build_parser; build_parser().parse_args(['serve']); import server.api.app, server.ray_serve.cli; "
+            "print('ray' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "2"], "--replicas applies to serving on Ray Serve: add --ray"),
+    (["--ray-address", "auto"], "--ray-address applies to serving on Ray Serve: add --ray"),
+    (["--ray", "--store", "memory://"], "every replica must open the same store"),
+    (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is above --max-replicas 2"),
+])
+def test_ray_flags_are_checked_in_one_line_before_anything_starts(argv, message, capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", *argv])
+    assert str(done.value).startswith("hotswap: error: ") and message in str(done.value)

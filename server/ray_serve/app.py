@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from server.config import EngineConfig
-from server.ray_serve.board import BOARD_NAMESPACE, ReplicaBoard, board_name
+from server.ray_serve.board import BOARD_NAMESPACE, board_name, open_board
 from server.ray_serve.ingress import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT, HotswapIngress, IngressSettings
 from server.ray_serve.replica import EngineReplica, ReplicaSettings
 
@@ -73,21 +72,16 @@ def max_adapters_per_replica(model_dir, adapter_memory_bytes: int | None, lora_b
     return max(1, adapter_memory_bytes // lora_bytes)
 
 
-def deploy(replica: ReplicaSettings, ingress: IngressSettings, scale: ScaleOut, name: str = DEFAULT_APP,
-           http_host: str = "127.0.0.1", http_port: int = 8000) -> dict:  # fmt: skip
-    """Deploy (or redeploy) on the Ray cluster this process is connected to (ray.init first). Blocks until
-    the replicas and the ingress are up; returns the facts an engine replica answers."""
-    import ray
+def build_application(replica: ReplicaSettings, ingress: IngressSettings, scale: ScaleOut, name: str = DEFAULT_APP):
+    """The Serve application: the ingress bound to the engine replicas' deployment."""
     from ray import serve
 
     board = board_name(name)
-    ray.remote(ReplicaBoard).options(name=board, namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0).remote()
     engine = replica.engine
     if engine.threads is None:  # torch's threads = the CPUs Ray gives the replica
         engine = replace(engine, threads=max(1, int(scale.replica_cpus)))
     max_adapters = scale.max_adapters or replica.max_adapters
     replica = replace(replica, engine=engine, board=board, max_adapters=max_adapters)
-    serve.start(http_options={"host": http_host, "port": http_port})
     autoscaling = scale.autoscaling
     sizing = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": scale.replicas}
     engines = serve.deployment(
@@ -99,10 +93,47 @@ def deploy(replica: ReplicaSettings, ingress: IngressSettings, scale: ScaleOut, 
         serve.ingress()(HotswapIngress), name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=INGRESS_MAX_ONGOING, graceful_shutdown_timeout_s=scale.graceful_shutdown_s,
     )  # fmt: skip
-    log.info("deploying %s engine replica(s) (%s; up to %d adapters routed to each) behind one ingress",
+    log.info("%s engine replica(s) (%s; up to %d adapters routed to each) behind one ingress",
              autoscaling or scale.replicas, scale.actor_options(), max_adapters)  # fmt: skip
-    serve.run(front.bind(engines.bind(replica), replace(ingress, board=board)), name=name, route_prefix="/")
+    return front.bind(engines.bind(replica), replace(ingress, board=board))
+
+
+def deploy(replica: ReplicaSettings, ingress: IngressSettings, scale: ScaleOut, name: str = DEFAULT_APP,
+           http_host: str = "127.0.0.1", http_port: int = 8000) -> dict:  # fmt: skip
+    """Deploy (or redeploy) on the Ray cluster this process is connected to (ray.init first). Blocks until
+    the replicas and the ingress are up; returns the facts an engine replica answers."""
+    from ray import serve
+
+    open_board(board_name(name))
+    serve.start(http_options={"host": http_host, "port": http_port})
+    serve.run(build_application(replica, ingress, scale, name), name=name, route_prefix="/")
     return serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name).facts.remote().result()
+
+
+def app_builder(args: dict):
+    """A Serve application builder, for `serve run server.ray_serve.app:app_builder replicas=2 store=s3://...`
+    and a KubeRay RayService's `import_path` + `args`: the keys are `hotswap serve` flags without their
+    dashes (`model`, `store`, `replicas`, `device`, `max_replicas`, ...; true for a flag without a value).
+    The admin key comes from HOTSWAP_ADMIN_KEY where the builder runs; HTTP host and port are Serve's own
+    (http_options), not --host/--port."""
+    import ray
+
+    from server.cli import _embedded_model_dir, build_parser, engine_config, request_limits
+    from server.ray_serve.cli import check_ray_arguments, ray_settings
+
+    argv = ["serve", "--ray"]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            for v in value if isinstance(value, list) else [value]:
+                argv += [flag, str(v)]
+    parsed = build_parser().parse_args(argv)
+    check_ray_arguments(parsed)
+    model_dir = parsed.model if parsed.model is not None else _embedded_model_dir()
+    replica, ingress, scale = ray_settings(parsed, engine_config(parsed), model_dir, request_limits(parsed), ray.cluster_resources(), strict=False)
+    return build_application(replica, ingress, scale, parsed.ray_app_name)
 
 
 def undeploy(name: str = DEFAULT_APP) -> None:

@@ -24,6 +24,15 @@ def board_name(app_name: str) -> str:
     return f"hotswap-board-{app_name}"
 
 
+def open_board(name: str):
+    """The board actor of that name, created by whoever comes first (the deploying driver, the ingress or a
+    replica: under `serve run` or a KubeRay RayService no driver of ours runs). Detached, so that it outlives
+    any one of them; `server.ray_serve.app.undeploy` ends it."""
+    import ray
+
+    return ray.remote(ReplicaBoard).options(name=name, namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0).remote()
+
+
 class ReplicaBoard:
     """Plain Python: server.ray_serve.app wraps it with ray.remote (num_cpus=0, detached, named)."""
 

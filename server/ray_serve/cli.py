@@ -62,45 +62,25 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
 
 
 def serve_on_ray(args: argparse.Namespace, engine_config, model_dir: Path, limits) -> int:
-    """Deploy on Ray Serve and serve until SIGINT/SIGTERM; then delete the applications (open requests
-    get --drain-seconds to finish) and, if this process started Ray, stop it."""
+    """Deploy on Ray Serve and serve until SIGINT/SIGTERM; then delete the application (open requests get
+    --drain-seconds to finish) and, if this process started Ray, stop it."""
     from server.console import CliError
 
     try:
         import ray
     except ImportError:
         raise CliError("--ray needs Ray Serve: pip install 'hotswap[ray]'") from None
-    from dataclasses import replace
-
-    from server.ray_serve.app import ScaleOut, deploy, max_adapters_per_replica, undeploy
-    from server.ray_serve.ingress import IngressSettings
-    from server.ray_serve.replica import ReplicaSettings
+    from server.ray_serve.app import deploy, undeploy
 
     ray.init(address=args.ray_address, log_to_driver=True)
     started_here = args.ray_address is None
     try:
-        gpus = _wants_gpus(args.device, ray.cluster_resources())
-        # replicas run in other working directories: every path they open is made absolute
-        engine_config = replace(engine_config, model=args.model.resolve() if args.model else None, device="cuda" if gpus else "cpu",
-                                adapters={name: path.resolve() for name, path in engine_config.adapters.items()},
-                                adapters_dir=args.adapters_dir.resolve() if args.adapters_dir else None)  # fmt: skip
-        store = _absolute_store(args.store)
-        cache_dir = args.cache_dir.resolve() if args.cache_dir else None
-        lora_bytes = 4 if args.lora_dtype == "float32" else 2
-        replica = ReplicaSettings(engine=engine_config, store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
-                                  disk_cache_bytes=args.disk_cache_bytes, host_adapter_bytes=args.host_adapter_bytes,
-                                  max_adapters=max_adapters_per_replica(model_dir, args.adapter_memory_bytes, lora_bytes), log_level=args.log_level)  # fmt: skip
-        ingress = IngressSettings(store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
-                                  disk_cache_bytes=args.disk_cache_bytes, admin_key=args.admin_key, limits=limits,
-                                  enable_docs=args.enable_docs, log_level=args.log_level)  # fmt: skip
-        scale = ScaleOut(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                         target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus, gpus=gpus,
-                         max_adapters=args.max_adapters_per_replica, graceful_shutdown_s=args.drain_seconds)  # fmt: skip
+        replica, ingress, scale = ray_settings(args, engine_config, model_dir, limits, ray.cluster_resources())
         facts = deploy(replica, ingress, scale, name=args.ray_app_name, http_host=args.host, http_port=args.port)
         log.info("serving %s on http://%s:%d through Ray Serve: %s engine replica(s); Ctrl-C or SIGTERM stops it",
                  facts["model_name"], args.host, args.port, scale.autoscaling or scale.replicas)  # fmt: skip
         _wait_for_signal()
-        log.info("stopping: deleting the Serve applications (open requests get up to %g s)", args.drain_seconds)
+        log.info("stopping: deleting the Serve application (open requests get up to %g s)", args.drain_seconds)
         undeploy(args.ray_app_name)
     finally:
         if started_here:
@@ -111,11 +91,40 @@ def serve_on_ray(args: argparse.Namespace, engine_config, model_dir: Path, limit
     return 0
 
 
-def _wants_gpus(device: str, resources: dict) -> bool:
+def ray_settings(args: argparse.Namespace, engine_config, model_dir: Path, limits, resources: dict, strict: bool = True):
+    """(ReplicaSettings, IngressSettings, ScaleOut) from `hotswap serve --ray`'s flags. `resources`: the
+    cluster's (ray.cluster_resources()); with strict=False (an autoscaling cluster that adds GPU nodes on
+    demand) --device cuda is taken at its word."""
+    from dataclasses import replace
+
+    from server.ray_serve.app import ScaleOut, max_adapters_per_replica
+    from server.ray_serve.ingress import IngressSettings
+    from server.ray_serve.replica import ReplicaSettings
+
+    gpus = _wants_gpus(args.device, resources, strict)
+    # replicas run in other working directories: every path they open is made absolute
+    engine_config = replace(engine_config, model=args.model.resolve() if args.model else None, device="cuda" if gpus else "cpu",
+                            adapters={name: path.resolve() for name, path in engine_config.adapters.items()},
+                            adapters_dir=args.adapters_dir.resolve() if args.adapters_dir else None)  # fmt: skip
+    store = _absolute_store(args.store)
+    cache_dir = args.cache_dir.resolve() if args.cache_dir else None
+    lora_bytes = 4 if args.lora_dtype == "float32" else 2
+    replica = ReplicaSettings(engine=engine_config, store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
+                              disk_cache_bytes=args.disk_cache_bytes, host_adapter_bytes=args.host_adapter_bytes,
+                              max_adapters=max_adapters_per_replica(model_dir, args.adapter_memory_bytes, lora_bytes), log_level=args.log_level)  # fmt: skip
+    ingress = IngressSettings(store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir, disk_cache_bytes=args.disk_cache_bytes,
+                              admin_key=args.admin_key, limits=limits, enable_docs=args.enable_docs, log_level=args.log_level)  # fmt: skip
+    scale = ScaleOut(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                     target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus, gpus=gpus,
+                     max_adapters=args.max_adapters_per_replica, graceful_shutdown_s=args.drain_seconds)  # fmt: skip
+    return replica, ingress, scale
+
+
+def _wants_gpus(device: str, resources: dict, strict: bool = True) -> bool:
     from server.console import CliError
 
     if device.startswith("cuda"):
-        if not resources.get("GPU"):
+        if strict and not resources.get("GPU"):
             raise CliError(f"--device {device}: the Ray cluster has no GPUs")
         return True
     return device == "auto" and bool(resources.get("GPU"))

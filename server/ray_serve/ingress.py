@@ -42,7 +42,6 @@ class HotswapIngress:
         self.engines, self.settings = engines, settings  # engines: the DeploymentHandle of the engine replicas
 
     async def __serve_build_asgi_app__(self):
-        import ray
         from ray import serve
 
         from adapters_store import DiskCache, Registry, open_store
@@ -50,13 +49,13 @@ class HotswapIngress:
         from server.console import setup_logging
         from server.metrics import Metrics
         from server.models.embedded import hotswap_home
-        from server.ray_serve.board import BOARD_NAMESPACE
+        from server.ray_serve.board import open_board
         from server.ray_serve.remote_client import RemoteAdapterService, RemoteEngineClient
 
         s = self.settings
         setup_logging(s.log_level)
         facts = await self.engines.facts.remote()  # waits for a replica to be up
-        board = ray.get_actor(s.board, namespace=BOARD_NAMESPACE)
+        board = open_board(s.board)
         client = RemoteEngineClient(self.engines, board, facts)
         app_name = serve.get_replica_context().app_name
         client.deployment_status = lambda: _deployment_status(app_name)

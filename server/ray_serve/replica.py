@@ -27,7 +27,7 @@ from server.engine.client import EngineClient, RequestFailed, Sequence
 from server.engine.llm_engine import LLMEngine
 from server.errors import HotswapError
 from server.metrics import Metrics
-from server.ray_serve.board import BOARD_NAMESPACE
+from server.ray_serve.board import open_board
 from server.ray_serve.wire import Failed, GenerateSpec, Progress, Started
 
 log = logging.getLogger("hotswap.ray")
@@ -94,7 +94,7 @@ class EngineReplica:
         self._pin_failures: dict[str, str] = {}  # engine key -> why pinning it failed here (reported, not retried)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task | None = None
-        self._board = ray.get_actor(settings.board, namespace=BOARD_NAMESPACE) if settings.board else None
+        self._board = open_board(settings.board) if settings.board else None
 
         async def load(adapter_id: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU on it
             return await self._load(adapter_id)
