@@ -34,13 +34,11 @@ def measure(url: str, requests: int, max_tokens: int) -> dict:
             r = client.post("/v1/completions", json=body)
             r.raise_for_status()
             t1 = time.perf_counter()
+            t2 = None
             with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as s:
                 for line in s.iter_lines():
-                    if line.startswith("data: {"):
+                    if t2 is None and line.startswith("data: {"):
                         t2 = time.perf_counter()
-                        break
-                for _ in s.iter_lines():
-                    pass
             if i >= 3:
                 whole.append(t1 - t0)
                 first.append(t2 - t1)

@@ -181,6 +181,18 @@ def test_upload_new_version_and_delete_through_the_ingress_reach_every_replica(c
     assert greedy(acme, "versioned")[0] == local_text(engine, "r8-all")
 
 
+def test_pins_reach_every_replica_through_the_board(cluster, adapter_dirs):
+    cluster.upload("acme", "pinned", adapter_dirs["r16-attn"])
+    assert cluster.admin.post("/admin/v1/adapters/acme/pinned/pin").status_code == 200
+    key = "acme/pinned@v1"
+    cluster.wait_until(lambda: all(key in r["pinned"] for r in cluster.ready_replicas().values()), "every replica pins it")
+    detail = cluster.admin.get("/admin/v1/adapters/acme/pinned").json()
+    assert detail["pinned"] is True and detail["residency"]["device"] is True
+    assert cluster.admin.post("/admin/v1/adapters/acme/pinned/unpin").status_code == 200
+    cluster.wait_until(lambda: not any(key in r["pinned"] for r in cluster.ready_replicas().values()), "every replica unpins it")
+    assert cluster.admin.get("/admin/v1/adapters/acme/pinned").json()["pinned"] is False
+
+
 def test_tenants_see_only_their_own_adapters(cluster, adapter_dirs):
     cluster.upload("acme", "private", adapter_dirs["r2-mlp"])
     globex = cluster.client("globex")
@@ -229,6 +241,119 @@ def test_the_application_builder_takes_the_serve_flags(cluster, model_dir, tmp_p
     assert isinstance(app, Application)
     with pytest.raises(CliError, match="every replica must open the same store"):  # refused as on the command line
         app_builder({"store": "memory://"})
+
+
+# -- the ingress's client on its own, with a stand-in for the DeploymentHandle: retries are decided here ---------
+class _Stream:
+    """One call's response stream: its items, or an exception raised after `fail_after` of them."""
+
+    def __init__(self, items, fail_after=None, error=None):
+        self.items, self.fail_after, self.error = list(items), fail_after, error
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        for i, item in enumerate(self.items):
+            if i == self.fail_after:
+                raise self.error
+            yield item
+        if self.fail_after is not None and self.fail_after >= len(self.items):
+            raise self.error
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, streams):
+        self.streams, self.calls = list(streams), []
+        self.generate = self
+
+    def options(self, **options):
+        self.calls.append(options)
+        return self
+
+    def remote(self, spec):
+        return self.streams.pop(0)
+
+
+def _remote_client(model_dir, handle):
+    from server.engine.client import EngineLimits
+    from server.ray_serve.remote_client import RemoteEngineClient
+
+    limits = EngineLimits(max_model_len=2048, max_num_seqs=8, kv_cache_tokens=2048, vocab_size=49152, max_lora_rank=32, max_chars_per_token=64)
+    facts = {"model_name": "smollm2", "model_dir": str(model_dir), "limits": limits, "static_adapters": [], "base_fingerprint": "x", "describe": {}}
+    return RemoteEngineClient(handle, board=None, facts=facts)
+
+
+def _outputs(client, seq):
+    import asyncio
+
+    from server.ray_serve.remote_client import SERVED_BY
+
+    async def run():
+        served: list[str] = []
+        SERVED_BY.set(served)
+        return [o async for o in client.generate(seq)], served
+
+    return asyncio.run(run())
+
+
+def _seq(manifest=None):
+    from server.engine.client import SamplingParams, Sequence
+    from server.ray_serve.wire import RemoteAdapter
+
+    return Sequence([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0), "t/a@v1" if manifest else None,
+                    adapter_weights=RemoteAdapter(manifest) if manifest else None, tenant="t")  # fmt: skip
+
+
+def _progress(text, finished=False, n=1):
+    from server.engine.client import RequestOutput
+    from server.ray_serve.wire import Progress
+
+    return Progress(RequestOutput(text, [7], finished, "length" if finished else None, 3, n), queue_s=0.25, num_cached_tokens=0)
+
+
+def test_a_replica_lost_before_it_streamed_is_routed_again(model_dir):
+    from ray.exceptions import ActorDiedError
+
+    from server.ray_serve.wire import Started
+
+    dead = _Stream([Started("r1")], fail_after=1, error=ActorDiedError())
+    alive = _Stream([Started("r2"), _progress("Paris"), _progress(".", finished=True, n=2)])
+    handle = _Handle([dead, alive])
+    seq = _seq()
+    outs, served = _outputs(_remote_client(model_dir, handle), seq)
+    assert [o.text for o in outs] == ["Paris", "."] and served == ["r1", "r2"]
+    assert dead.cancelled and handle.calls == [{"stream": True, "multiplexed_model_id": ""}]
+    assert seq.first_scheduled_time == pytest.approx(seq.arrival_time + 0.25)  # the replica's queue time, for the metrics
+
+
+def test_a_replica_lost_after_it_streamed_fails_the_request_with_a_retryable_503(model_dir):
+    from ray.exceptions import ActorDiedError
+
+    from server.engine.client import RequestFailed
+    from server.ray_serve.wire import Started
+
+    handle = _Handle([_Stream([Started("r1"), _progress("Par")], fail_after=2, error=ActorDiedError())])
+    with pytest.raises(RequestFailed) as lost:
+        _outputs(_remote_client(model_dir, handle), _seq())
+    assert (lost.value.status, lost.value.code) == (503, "replica_unavailable") and not handle.streams
+
+
+def test_requests_route_on_the_adapter_identity_and_replica_errors_keep_their_status(model_dir):
+    from adapters_store import AdapterManifest
+    from server.engine.client import RequestFailed
+    from server.ray_serve.wire import Failed, Started
+
+    manifest = AdapterManifest.build(tenant="t", name="a", version=3, files={"f": b"x"}, family="reclora", base_model="x", ranks={}, target_modules=[])
+    handle = _Handle([_Stream([Started("r1"), Failed(400, "invalid_request_error", "the user's state does not fit")])])
+    with pytest.raises(RequestFailed) as failed:
+        _outputs(_remote_client(model_dir, handle), _seq(manifest))
+    assert handle.calls == [{"stream": True, "multiplexed_model_id": "t/a@v3"}]
+    assert (failed.value.status, str(failed.value)) == (400, "the user's state does not fit")
 
 
 def test_without_ray_flag_nothing_imports_ray():

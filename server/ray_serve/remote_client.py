@@ -41,6 +41,7 @@ RETRY_BACKOFF_S = 0.5  # times the attempt number: Ray needs a moment to mark th
 POLL_INTERVAL_S = 1.0
 REPLICA_LOST = "the engine replica serving this request stopped; retry"
 REPLICA_LOST_CODE = "replica_unavailable"
+REPLICA_FAILED = "the engine replica failed to serve this request"
 
 # The replicas that served the current HTTP request: set per request by ReplicaHeader (server.ray_serve.ingress).
 SERVED_BY: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("hotswap_served_by", default=None)
@@ -60,10 +61,11 @@ class ParsedAdapter:
         return self.summary.units
 
 
-def _replica_unavailable_errors() -> tuple[type[BaseException], ...]:
+def _replica_errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """(the replica is gone or unreachable: worth routing again, the replica raised: its bug)."""
     from ray import exceptions
 
-    return tuple(getattr(exceptions, name) for name in ("RayActorError", "ActorUnavailableError", "ActorDiedError") if hasattr(exceptions, name))
+    return (exceptions.RayActorError, exceptions.ActorUnavailableError), exceptions.RayTaskError
 
 
 class RemoteEngineClient(TextOps):
@@ -85,7 +87,7 @@ class RemoteEngineClient(TextOps):
         self.base_fingerprint: str = facts["base_fingerprint"]
         self._describe: dict = facts["describe"]
         self.max_retries = max_retries
-        self._unavailable = _replica_unavailable_errors()
+        self._unavailable, self._replica_bug = _replica_errors()
         self._snapshot: dict = {"replicas": {}, "pinned": []}
         self._polled_at: float | None = None
         self._deployment: dict = {}  # Ray Serve's own view of the replica deployment (status, replica states)
@@ -209,6 +211,9 @@ class RemoteEngineClient(TextOps):
                     attempt += 1
                     log.info("request %s: its engine replica stopped before answering (%s); routing it again", seq.request_id, type(e).__name__)
                     await asyncio.sleep(RETRY_BACKOFF_S * attempt)
+                except self._replica_bug as e:  # not the request's doing (those come as Failed): a bug, logged here
+                    log.error("request %s: the engine replica raised: %s", seq.request_id, e)
+                    raise RequestFailed(REPLICA_FAILED, status=500, code="replica_error") from None
                 finally:
                     stream.cancel()  # a no-op once it finished; else the replica aborts the sequence
         finally:
