@@ -181,6 +181,16 @@ def test_upload_new_version_and_delete_through_the_ingress_reach_every_replica(c
     assert greedy(acme, "versioned")[0] == local_text(engine, "r8-all")
 
 
+def test_a_client_that_hangs_up_frees_its_sequence_on_the_replica(cluster):
+    body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", cluster.base_url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"}, json=body, timeout=60) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data: {"))
+        # the replica reports it running (400 tokens take ~20 s: the stream is still open)
+        cluster.wait_until(lambda: any(r["running"] == 1 for r in cluster.ready_replicas().values()), "a replica reports it", timeout=8)
+    # hung up: the abort reaches the replica's engine, and its next report says so
+    cluster.wait_until(lambda: all(r["running"] == 0 for r in cluster.ready_replicas().values()), "the replica aborts it", timeout=8)
+
+
 def test_pins_reach_every_replica_through_the_board(cluster, adapter_dirs):
     cluster.upload("acme", "pinned", adapter_dirs["r16-attn"])
     assert cluster.admin.post("/admin/v1/adapters/acme/pinned/pin").status_code == 200
