@@ -183,12 +183,21 @@ def test_upload_new_version_and_delete_through_the_ingress_reach_every_replica(c
 
 def test_a_client_that_hangs_up_frees_its_sequence_on_the_replica(cluster):
     body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    running = lambda: sum(r["running"] for r in cluster.ready_replicas().values())  # noqa: E731
+    seen, checked = False, 0.0
     with httpx.stream("POST", cluster.base_url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"}, json=body, timeout=60) as r:
-        assert next(line for line in r.iter_lines() if line.startswith("data: {"))
-        # the replica reports it running (400 tokens take ~20 s: the stream is still open)
-        cluster.wait_until(lambda: any(r["running"] == 1 for r in cluster.ready_replicas().values()), "a replica reports it", timeout=8)
+        deadline = time.monotonic() + 10
+        for _ in r.iter_lines():  # 400 tokens take ~15 s: read on until a replica reports the sequence running
+            if time.monotonic() - checked > 0.3:
+                checked = time.monotonic()
+                if running() == 1:
+                    seen = True
+                    break
+            if checked > deadline:
+                break
+    assert seen, "no replica reported the sequence running"
     # hung up: the abort reaches the replica's engine, and its next report says so
-    cluster.wait_until(lambda: all(r["running"] == 0 for r in cluster.ready_replicas().values()), "the replica aborts it", timeout=8)
+    cluster.wait_until(lambda: running() == 0, "the replica aborts it", timeout=8)
 
 
 def test_pins_reach_every_replica_through_the_board(cluster, adapter_dirs):
@@ -337,8 +346,25 @@ def test_a_replica_lost_before_it_streamed_is_routed_again(model_dir):
     seq = _seq()
     outs, served = _outputs(_remote_client(model_dir, handle), seq)
     assert [o.text for o in outs] == ["Paris", "."] and served == ["r1", "r2"]
-    assert dead.cancelled and handle.calls == [{"stream": True, "multiplexed_model_id": ""}]
+    assert not alive.cancelled and handle.calls == [{"stream": True, "multiplexed_model_id": ""}]
     assert seq.first_scheduled_time == pytest.approx(seq.arrival_time + 0.25)  # the replica's queue time, for the metrics
+
+
+def test_a_request_left_early_is_cancelled_on_its_replica(model_dir):
+    import asyncio
+
+    from server.ray_serve.wire import Started
+
+    stream = _Stream([Started("r1"), _progress("Par"), _progress("is"), _progress(".", finished=True, n=3)])
+    client = _remote_client(model_dir, _Handle([stream]))
+
+    async def first_only():
+        outputs = client.generate(_seq())
+        first = await outputs.__anext__()
+        await outputs.aclose()  # what the serving layer does when the client hangs up
+        return first
+
+    assert asyncio.run(first_only()).text == "Par" and stream.cancelled and client.sequences_in_flight == 0
 
 
 def test_a_replica_lost_after_it_streamed_fails_the_request_with_a_retryable_503(model_dir):

@@ -188,7 +188,7 @@ class RemoteEngineClient(TextOps):
         self._in_flight += 1
         try:
             while True:
-                stream = handle.generate.remote(spec)
+                stream, ended = handle.generate.remote(spec), False
                 try:
                     async for item in stream:
                         if isinstance(item, Started):
@@ -196,14 +196,17 @@ class RemoteEngineClient(TextOps):
                                 served.append(item.replica)
                             continue
                         if isinstance(item, Failed):
+                            ended = True
                             raise item.to_error()
                         if self._failure is not None:
                             raise RequestFailed(str(self._failure), self._failure.status, self._failure.code)
                         _note(seq, item)
                         streamed = True
                         yield item.output
+                    ended = True
                     return
                 except self._unavailable as e:
+                    ended = True
                     if streamed or attempt >= self.max_retries:
                         log.warning("request %s lost its engine replica after %s: %s", seq.request_id,
                                     "streaming" if streamed else f"{attempt + 1} attempts", type(e).__name__)  # fmt: skip
@@ -212,10 +215,12 @@ class RemoteEngineClient(TextOps):
                     log.info("request %s: its engine replica stopped before answering (%s); routing it again", seq.request_id, type(e).__name__)
                     await asyncio.sleep(RETRY_BACKOFF_S * attempt)
                 except self._replica_bug as e:  # not the request's doing (those come as Failed): a bug, logged here
+                    ended = True
                     log.error("request %s: the engine replica raised: %s", seq.request_id, e)
                     raise RequestFailed(REPLICA_FAILED, status=500, code="replica_error") from None
                 finally:
-                    stream.cancel()  # a no-op once it finished; else the replica aborts the sequence
+                    if not ended:  # the client left, or fail_all: the replica aborts the sequence
+                        stream.cancel()
         finally:
             self._in_flight -= 1
 

@@ -96,10 +96,10 @@ class EngineReplica:
         self._reporter: asyncio.Task | None = None
         self._board = open_board(settings.board) if settings.board else None
 
-        async def load(adapter_id: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU on it
+        async def load(adapter_id: str) -> LoadedAdapter:
             return await self._load(adapter_id)
 
-        self._adapter_loader = load  # Serve keeps its per-replica LRU (the multiplex wrapper) on this function
+        self._adapter_loader = load  # a plain function: Serve keeps its per-replica LRU (the multiplex wrapper) on it
         self._adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters)(load)
         log.info("engine replica %s (%s) ready: %s", self.replica_id, self.actor_name, self.client.describe())
 
