@@ -130,3 +130,27 @@ def test_a_new_user_state_never_reuses_the_old_states_blocks(server):
     assert hits == 0
     with caching_off(server):
         assert text == complete(server, "t/rec", "alice", prompt)
+
+
+def test_a_name_deleted_and_uploaded_again_serves_its_new_contents(server, adapter_dirs, model_dir):
+    """v1 again after a delete: neither the host tier, the device pools nor RecLoRA's per-user copies
+    may answer with the old contents under the reused key."""
+    http, prompt = server.http, "Uploaded again. " + QUESTIONS[0]
+    cfg = ModelConfig.from_dir(model_dir)
+    _upload(http, "again", _lora_files(adapter_dirs, "r8-all"))
+    assert complete(server, "t/again", None, prompt) == complete(server, "t/lora", None, prompt)
+    assert http.delete("/admin/v1/adapters/t/again").status_code == 200
+    _upload(http, "again", _lora_files(adapter_dirs, "r16-attn"))  # v1 once more, other contents
+    assert complete(server, "t/again", None, prompt) == complete(server, "t/lora2", None, prompt)
+
+    state = {"weights": [0.4, 0.3, 0.2, 0.1]}
+    _upload(http, "rec-again", make_reclora(cfg, seed=0)[0])
+    _upload(http, "rec-other", make_reclora(cfg, seed=1)[0])
+    for name in ("rec-again", "rec-other"):
+        assert http.put(f"/admin/v1/adapters/t/{name}/users/carol", json=state).status_code == 200
+    old = complete(server, "t/rec-again", "carol", prompt)
+    assert http.delete("/admin/v1/adapters/t/rec-again").status_code == 200
+    _upload(http, "rec-again", make_reclora(cfg, seed=1)[0])
+    assert http.put("/admin/v1/adapters/t/rec-again/users/carol", json=state).status_code == 200
+    new = complete(server, "t/rec-again", "carol", prompt)
+    assert new == complete(server, "t/rec-other", "carol", prompt) != old

@@ -36,6 +36,10 @@ class HostCache:
             self.bytes_used -= old.num_bytes
             self.evictions += 1
 
+    def drop_matching(self, prefix: str) -> None:
+        for key in [k for k in self._entries if k.startswith(prefix)]:
+            self.drop(key)
+
     def drop(self, key: str) -> None:
         weights = self._entries.pop(key, None)
         if weights is not None:

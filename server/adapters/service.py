@@ -40,6 +40,12 @@ def device_key(m: AdapterManifest) -> str:
     return f"{m.tenant}/{m.name}@v{m.version}"
 
 
+def keys_prefix(tenant: str, name: str) -> str:
+    """What every engine and host key of tenant/name starts with: each version's device_key and, for a
+    per-user family, each user-state copy (`...@vN#state=...`). Names cannot hold "@"."""
+    return f"{tenant}/{name}@"
+
+
 def _unavailable(what: str, e: Exception) -> errors.StoreUnavailable:
     """Tenants learn that the store is down, never where it is: the details go to the log."""
     log.warning("%s: %s", what, e)

@@ -211,3 +211,13 @@ class EngineClient(TextOps):
     async def evict(self, key: str) -> None:
         """Unpin and drop the adapter from the device; requests using it finish first (the pools let go of it then)."""
         await self._async.call(lambda engine: engine.adapters.set_pinned(key, False) or engine.adapters.remove(key))
+
+    async def evict_adapter(self, prefix: str) -> None:
+        """evict every resident key that starts with `prefix` (server.adapters.service.keys_prefix)."""
+
+        def evict_all(engine) -> None:
+            for key in [k for k in engine.adapters.resident if k.startswith(prefix)]:
+                engine.adapters.set_pinned(key, False)
+                engine.adapters.remove(key)
+
+        await self._async.call(evict_all)

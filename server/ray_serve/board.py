@@ -39,7 +39,7 @@ class ReplicaBoard:
     def __init__(self) -> None:
         self.reports: dict[str, dict] = {}  # replica id -> its last report, with "reported_at" (time.time())
         self.pins: dict[str, AdapterManifest | None] = {}  # engine key -> manifest (None: a per-user family, nothing to pin)
-        self.evictions: list[str] = []  # engine keys, in the order posted
+        self.evictions: list[str] = []  # key prefixes (server.adapters.service.keys_prefix), in the order posted
 
     def report(self, replica: str, state: dict, evictions_seen: int | None) -> dict:
         """Record a replica's state; answer what it must apply: the pins, and evictions after `evictions_seen`
@@ -66,6 +66,8 @@ class ReplicaBoard:
     def unpin(self, key: str) -> None:
         self.pins.pop(key, None)
 
-    def evict(self, key: str) -> None:
-        self.pins.pop(key, None)
-        self.evictions.append(key)
+    def evict(self, prefix: str) -> None:
+        """Every replica drops the keys starting with `prefix` (an adapter's versions and user copies)."""
+        for key in [k for k in self.pins if k.startswith(prefix)]:
+            del self.pins[key]
+        self.evictions.append(prefix)

@@ -251,8 +251,8 @@ class RemoteEngineClient(TextOps):
     async def unpin(self, key: str) -> None:
         await self._board.unpin.remote(key)
 
-    async def evict(self, key: str) -> None:
-        await self._board.evict.remote(key)
+    async def evict_adapter(self, prefix: str) -> None:
+        await self._board.evict.remote(prefix)
 
 
 class RemoteAdapterService(AdapterService):

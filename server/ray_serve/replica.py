@@ -242,8 +242,9 @@ class EngineReplica:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def _apply(self, reply: dict) -> None:
-        for key in reply["evictions"]:
-            if key in self._content or self.engine.adapters.get(key) is not None:
+        for prefix in reply["evictions"]:  # server.adapters.service.keys_prefix: every version and user copy
+            self.service.host.drop_matching(prefix)
+            for key in {k for k in (*self._content, *self.engine.adapters.resident) if k.startswith(prefix)}:
                 await self._forget(key)
         pins: dict[str, AdapterManifest] = reply["pins"]
         for key, m in pins.items():

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.tenants import MAX_WEIGHT, MIN_WEIGHT
-from server.adapters.service import device_key
+from server.adapters.service import device_key, keys_prefix
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large
 from server.engine.client import ADAPTER_FILES
@@ -166,12 +166,13 @@ async def get_adapter(tenant: str, name: str, request: Request):
 async def delete_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
     service = state.adapter_service
-    m = await service.manifest(tenant, name, fresh=True)
+    await service.manifest(tenant, name, fresh=True)  # 404 before anything is deleted
     versions = await state.registry.delete_adapter(tenant, name)
     service.forget(tenant, name)
-    key = device_key(m)
-    service.host.drop(key)
-    await state.engine.evict(key)  # running requests keep their weights until they finish
+    # Every version and every user-state copy goes: a name uploaded again restarts at v1, whose key
+    # must not find the old contents. Running requests keep their weights until they finish.
+    service.host.drop_matching(keys_prefix(tenant, name))
+    await state.engine.evict_adapter(keys_prefix(tenant, name))
     return {"deleted": f"{tenant}/{name}", "versions": versions}
 
 
