@@ -142,3 +142,21 @@ def test_the_engine_shares_no_blocks_between_adapters_or_with_the_base(engine):
     assert _greedy(engine, [(prompt, None)])[0].num_cached_tokens == 0
     assert _greedy(engine, [(prompt, "r4-qv")])[0].num_cached_tokens == 0  # no identity given: no sharing
     assert _greedy(engine, [(prompt, "r4-qv")], identity="iso-r4-qv")[0].num_cached_tokens > 0
+
+
+def test_the_engine_shares_blocks_within_a_tenant_only(engine):
+    """A cache shared across tenants would let one time another's prompts (the base model and public
+    adapters are used by many): each tenant finds only its own blocks."""
+    prompt = "Tenants apart. " + SYSTEM + "Q: Is the shop open today?"
+
+    def cached(tenant):
+        seq = Sequence(engine.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=2, temperature=0.0), tenant=tenant)
+        engine.add(seq)
+        while engine.has_work():
+            engine.step()
+        return seq.num_cached_tokens
+
+    assert cached("acme") == 0
+    assert cached("globex") == 0
+    assert cached(None) == 0  # the admin is a caller of its own too
+    assert cached("acme") > 0 and cached("globex") > 0

@@ -74,6 +74,10 @@ class BlockManager:
         self.queried_tokens += queried
         self.hit_tokens += seq.num_cached_tokens
 
+    def completed_blocks(self, seq: Sequence) -> bool:
+        """Whether seq has full blocks not yet offered to the prefix cache (cheap: checked every step)."""
+        return self.enable_prefix_caching and min(seq.num_computed_tokens // self.block_size, len(seq.block_table)) > seq.num_published_blocks
+
     def cache_full_blocks(self, seq: Sequence, identity: str) -> None:
         """Make seq's blocks whose tokens are all computed findable. A block computed twice (two sequences
         with one prefix admitted together) stays with the first: the second copy is freed as usual."""

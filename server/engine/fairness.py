@@ -17,12 +17,28 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from typing import Protocol
 
 from server.engine.sequence import Sequence
 
 PROMPT_TOKEN_COST = 1.0
 OUTPUT_TOKEN_COST = 2.0
 SCHEDULING_POLICIES = ("fair", "fcfs")
+
+
+class WaitingQueue(Protocol):
+    """What the scheduler asks of its waiting sequences, whatever the policy."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Sequence]: ...
+    def __contains__(self, seq: Sequence) -> bool: ...
+    def append(self, seq: Sequence) -> None: ...  # a new arrival
+    def put_back(self, seq: Sequence) -> None: ...  # preempted, or set aside for a step: ahead of newer ones
+    def remove(self, seq: Sequence) -> None: ...
+    def peek(self) -> Sequence: ...  # the next to admit
+    def pop(self) -> Sequence: ...
+    def charge(self, seq: Sequence, prompt_tokens: int, output_tokens: int) -> None: ...  # service received
+    def preemption_victim(self, candidates: list[Sequence]) -> Sequence: ...
 
 
 class FcfsQueue:
@@ -65,7 +81,7 @@ class FcfsQueue:
         return candidates[-1]
 
 
-class FairQueue(FcfsQueue):
+class FairQueue:
     """Waiting sequences per tenant, admitted by Virtual Token Counter; FCFS within a tenant."""
 
     def __init__(self) -> None:
@@ -131,7 +147,7 @@ class FairQueue(FcfsQueue):
         return [s for s in candidates if self.counters.get(s.tenant, 0.0) == ahead][-1]
 
 
-def waiting_queue(policy: str) -> FcfsQueue:
+def waiting_queue(policy: str) -> WaitingQueue:
     if policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, not {policy!r}")
     return FairQueue() if policy == "fair" else FcfsQueue()

@@ -248,18 +248,22 @@ class LLMEngine:
         return True
 
     def _prefix_identity(self, seq: Sequence) -> str | None:
-        """What computes seq's KV, for the prefix cache; None where blocks must not be shared: families with
-        step hooks (routed experts) keep per-sequence state built token by token (MoLE's running sums),
-        which a prefix taken from the cache would skip."""
+        """What computes seq's KV, and for whom, for the prefix cache; None where blocks must not be shared:
+        families with step hooks (routed experts) keep per-sequence state built token by token (MoLE's
+        running sums), which a prefix taken from the cache would skip. Blocks are shared within a tenant
+        only: a cache shared across tenants would let one learn from its time to first token whether
+        another sent a prompt (the base model and public adapters are used by several)."""
         if seq.adapter is None:
-            return ""
-        if not seq.prefix_identity:  # unnamed (engine-level callers): an adapter key may come back with other weights
+            identity = ""
+        elif not seq.prefix_identity:  # unnamed (engine-level callers): an adapter key may come back with other weights
             return None
-        entry = self.adapters.get(seq.adapter)
-        family = entry.family if entry is not None else getattr(seq.adapter_weights, "family", None)
-        if family is None or FAMILIES[family].step_hooks is not None:
-            return None
-        return seq.prefix_identity
+        else:
+            entry = self.adapters.get(seq.adapter)
+            family = entry.family if entry is not None else getattr(seq.adapter_weights, "family", None)
+            if family is None or FAMILIES[family].step_hooks is not None:
+                return None
+            identity = seq.prefix_identity
+        return identity if seq.tenant is None else f"tenant={seq.tenant}|{identity}"
 
     def _release_adapter(self, seq: Sequence) -> None:
         """The sequence leaves the running batch (finished, aborted or preempted): its adapter is one user

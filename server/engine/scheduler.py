@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
-from server.engine.fairness import FcfsQueue
+from server.engine.fairness import FcfsQueue, WaitingQueue
 from server.engine.sequence import RequestFailed, Sequence, SequenceStatus
 from server.engine.speculative import Speculator
 
@@ -42,7 +42,7 @@ class Scheduler:
         acquire_adapter: Callable[[Sequence], bool] = lambda seq: True,
         release_adapter: Callable[[Sequence], None] = lambda seq: None,
         speculator: Speculator | None = None,
-        waiting: FcfsQueue | None = None,
+        waiting: WaitingQueue | None = None,
         prefix_identity: Callable[[Sequence], str | None] = lambda seq: None,
     ):
         """acquire_adapter makes a sequence's adapter resident and counts the sequence as its user (False: not now;
@@ -145,9 +145,10 @@ class Scheduler:
         return scheduled
 
     def _charge_prompt(self, seq: Sequence, n: int) -> None:
-        """Prompt tokens about to be computed count as service to seq's tenant (outputs: postprocess).
-        A preempted sequence's recomputed outputs count again: its tenant is the one furthest ahead."""
-        if n > 1 or seq.num_computed_tokens == 0 or seq.num_computed_tokens + n < seq.num_tokens:
+        """Tokens computed other than by decoding (a prompt, or a preempted sequence's recomputed outputs)
+        count as prompt service to seq's tenant; decoded tokens count as output in postprocess."""
+        decoding = n == 1 and 0 < seq.num_computed_tokens == seq.num_tokens - 1
+        if not decoding:
             self.waiting.charge(seq, n, 0)
 
     def _leave(self, seq: Sequence) -> None:
@@ -197,9 +198,10 @@ class Scheduler:
                     break
             kept.append(len(seq.output_token_ids) - before)
             self.waiting.charge(seq, 0, kept[-1])
-            identity = self.prefix_identity(seq) if seq.finish_reason != "error" else None  # a failed step's KV may be garbage
-            if identity is not None:
-                self.blocks.cache_full_blocks(seq, identity)
+            if self.blocks.completed_blocks(seq) and seq.finish_reason != "error":  # a failed step's KV may be garbage
+                identity = self.prefix_identity(seq)
+                if identity is not None:
+                    self.blocks.cache_full_blocks(seq, identity)
         return kept
 
     def take_failed(self) -> list[Sequence]:
