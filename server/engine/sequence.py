@@ -95,6 +95,9 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it was first admitted to the running batch (queue time)
+    # The client reads outputs as they come (SSE); False: only the whole result is read, so a Ray replica
+    # sends it in one piece instead of one message per token (server.ray_serve.batching).
+    streamed: bool = True
 
     @property
     def num_tokens(self) -> int:

@@ -158,7 +158,7 @@ class OpenAIServing:
                     param="max_tokens", code="context_length_exceeded",
                 )
             seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights, tenant=lease.tenant,
-                              tenant_weight=lease.weight, prefix_identity=identity) for j in range(req.n)]
+                              tenant_weight=lease.weight, prefix_identity=identity, streamed=req.stream) for j in range(req.n)]
         claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
         if claimed > limits.kv_cache_tokens:
             raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
