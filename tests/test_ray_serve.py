@@ -298,13 +298,13 @@ class _Handle:
         return self.streams.pop(0)
 
 
-def _remote_client(model_dir, handle):
+def _remote_client(model_dir, handle, affinity=True):
     from server.engine.client import EngineLimits
     from server.ray_serve.remote_client import RemoteEngineClient
 
     limits = EngineLimits(max_model_len=2048, max_num_seqs=8, kv_cache_tokens=2048, vocab_size=49152, max_lora_rank=32, max_chars_per_token=64)
     facts = {"model_name": "smollm2", "model_dir": str(model_dir), "limits": limits, "static_adapters": [], "base_fingerprint": "x", "describe": {}}
-    return RemoteEngineClient(handle, board=None, facts=facts)
+    return RemoteEngineClient(handle, board=None, facts=facts, affinity=affinity)
 
 
 def _outputs(client, seq):
@@ -391,6 +391,11 @@ def test_requests_route_on_the_adapter_identity_and_replica_errors_keep_their_st
     assert handle.calls == [{"stream": True, "multiplexed_model_id": "t/a@v3"}]
     assert (failed.value.status, str(failed.value)) == (400, "the user's state does not fit")
 
+    # --ray-routing random: Serve picks the replica by load alone; the replica still loads what the spec names
+    handle = _Handle([_Stream([Started("r2"), _progress(".", finished=True)])])
+    assert [o.text for o in _outputs(_remote_client(model_dir, handle, affinity=False), _seq(manifest))[0]] == ["."]
+    assert handle.calls == [{"stream": True, "multiplexed_model_id": ""}]
+
 
 def test_without_ray_flag_nothing_imports_ray():
     code = ("import sys; from server.cli import build_parser; build_parser().parse_args(['serve']); import server.api.app, server.ray_serve.cli; "
@@ -404,6 +409,8 @@ def test_without_ray_flag_nothing_imports_ray():
     (["--ray-address", "auto"], "--ray-address applies to serving on Ray Serve: add --ray"),
     (["--ray", "--store", "memory://"], "every replica must open the same store"),
     (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is above --max-replicas 2"),
+    (["--ray-routing", "random"], "--ray-routing applies to serving on Ray Serve: add --ray"),
+    (["--ray", "--ray-stream-interval-ms", "-1"], "--ray-stream-interval-ms must be 0 or more"),
 ])
 def test_ray_flags_are_checked_in_one_line_before_anything_starts(argv, message, capsys):
     from server.cli import main

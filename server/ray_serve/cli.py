@@ -30,6 +30,12 @@ def add_ray_arguments(serve: argparse.ArgumentParser) -> None:
     ray.add_argument("--max-adapters-per-replica", type=_positive_int, default=None,
                      help="Ray Serve's max_num_models_per_replica: adapters routed to one replica by affinity (without it: "
                           "what --adapter-memory-bytes holds of rank-16 LoRAs)")
+    ray.add_argument("--ray-routing", choices=("affinity", "random"), default=None,
+                     help="affinity (default): a registry adapter's requests go to a replica that holds it (Serve's model "
+                          "multiplexing); random: to the less loaded of two replicas, whatever they hold (a baseline)")
+    ray.add_argument("--ray-stream-interval-ms", type=float, default=None, metavar="MS",
+                     help="a replica merges a stream's tokens that come within MS into one message to the ingress, after the "
+                          "first (default: 50, as Ray Serve LLM; 0: one message per output)")
     ray.add_argument("--ray-app-name", default="hotswap", help="the Serve application's name")
 
 
@@ -46,7 +52,8 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
 
     given = [flag for flag, value in (("--ray-address", args.ray_address), ("--min-replicas", args.min_replicas),
                                       ("--max-replicas", args.max_replicas), ("--target-ongoing-requests", args.target_ongoing_requests),
-                                      ("--max-adapters-per-replica", args.max_adapters_per_replica)) if value is not None]  # fmt: skip
+                                      ("--max-adapters-per-replica", args.max_adapters_per_replica), ("--ray-routing", args.ray_routing),
+                                      ("--ray-stream-interval-ms", args.ray_stream_interval_ms)) if value is not None]  # fmt: skip
     if not args.ray:
         if given or args.replicas != 1:
             raise CliError(f"{(given or ['--replicas'])[0]} applies to serving on Ray Serve: add --ray")
@@ -57,6 +64,8 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
         raise CliError("--store memory:// lives in one process: with --ray every replica must open the same store (a directory or s3://)")
     if not args.replica_cpus > 0:
         raise CliError(f"--replica-cpus {args.replica_cpus}: give the CPUs each replica needs, more than 0")
+    if args.ray_stream_interval_ms is not None and not 0 <= args.ray_stream_interval_ms < float("inf"):
+        raise CliError("--ray-stream-interval-ms must be 0 or more")
     if args.target_ongoing_requests is not None and not args.target_ongoing_requests > 0:
         raise CliError("--target-ongoing-requests must be more than 0")
 
@@ -112,8 +121,11 @@ def ray_settings(args: argparse.Namespace, engine_config, model_dir: Path, limit
     replica = ReplicaSettings(engine=engine_config, store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
                               disk_cache_bytes=args.disk_cache_bytes, host_adapter_bytes=args.host_adapter_bytes,
                               max_adapters=max_adapters_per_replica(model_dir, args.adapter_memory_bytes, lora_bytes), log_level=args.log_level)  # fmt: skip
+    if args.ray_stream_interval_ms is not None:
+        replica = replace(replica, stream_interval_s=args.ray_stream_interval_ms / 1000)
     ingress = IngressSettings(store=store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir, disk_cache_bytes=args.disk_cache_bytes,
-                              admin_key=args.admin_key, limits=limits, enable_docs=args.enable_docs, log_level=args.log_level)  # fmt: skip
+                              admin_key=args.admin_key, limits=limits, enable_docs=args.enable_docs, log_level=args.log_level,
+                              affinity=args.ray_routing != "random")  # fmt: skip
     scale = ScaleOut(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                      target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus, gpus=gpus,
                      max_adapters=args.max_adapters_per_replica, graceful_shutdown_s=args.drain_seconds)  # fmt: skip

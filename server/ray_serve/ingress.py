@@ -33,6 +33,7 @@ class IngressSettings:
     enable_docs: bool = False
     log_level: str = "info"
     board: str = ""  # the board actor's name (set by server.ray_serve.app.deploy)
+    affinity: bool = True  # route a registry adapter's requests by Serve's model multiplexing (False: by load only)
 
 
 class HotswapIngress:
@@ -56,7 +57,7 @@ class HotswapIngress:
         setup_logging(s.log_level)
         facts = await self.engines.facts.remote()  # waits for a replica to be up
         board = open_board(s.board)
-        client = RemoteEngineClient(self.engines, board, facts)
+        client = RemoteEngineClient(self.engines, board, facts, affinity=s.affinity)
         app_name = serve.get_replica_context().app_name
         client.deployment_status = lambda: _deployment_status(app_name)
         registry = Registry(open_store(s.store, s3_endpoint=s.s3_endpoint))

@@ -29,7 +29,7 @@ from prometheus_client import Gauge
 from adapters_store import AdapterManifest
 from server.adapters.service import AdapterService, device_key
 from server.engine.client import AdapterSummary, EngineClient, RequestFailed, RequestOutput, Sequence, TextOps
-from server.errors import NotPinnable
+from server.errors import InvalidRequest, NotPinnable
 from server.metrics import Metrics
 from server.ray_serve.board import STALE_AFTER_S
 from server.ray_serve.wire import Failed, GenerateSpec, Progress, RemoteAdapter, Started
@@ -69,7 +69,7 @@ def _replica_errors() -> tuple[tuple[type[BaseException], ...], type[BaseExcepti
 
 
 class RemoteEngineClient(TextOps):
-    def __init__(self, handle, board, facts: dict, max_retries: int = MAX_RETRIES):
+    def __init__(self, handle, board, facts: dict, max_retries: int = MAX_RETRIES, affinity: bool = True):
         from transformers import AutoTokenizer
 
         from server.models.config import ModelConfig
@@ -87,6 +87,7 @@ class RemoteEngineClient(TextOps):
         self.base_fingerprint: str = facts["base_fingerprint"]
         self._describe: dict = facts["describe"]
         self.max_retries = max_retries
+        self.affinity = affinity  # False: Serve routes by load alone (the replica still loads what a request names)
         self._unavailable, self._replica_bug = _replica_errors()
         self._snapshot: dict = {"replicas": {}, "pinned": []}
         self._polled_at: float | None = None
@@ -125,6 +126,7 @@ class RemoteEngineClient(TextOps):
             state = "stale" if r["age_s"] > STALE_AFTER_S else "ready" if r["healthy"] else "unhealthy"
             out[rid] = {"state": state, "node": r["node"], "actor": r["actor_name"], "age_s": r["age_s"], "running": r["running"],
                         "waiting": r["waiting"], "adapters_resident": r["adapters_resident"], "adapters_routed": len(r["multiplexed"]),
+                        "adapter_hits": r["device_hits"], "adapter_misses": r["device_misses"], "adapter_evictions": r["device_evictions"],
                         "pinned": r["pinned"], "pin_failures": r["pin_failures"]}  # fmt: skip
         return out
 
@@ -182,7 +184,7 @@ class RemoteEngineClient(TextOps):
         if self._refusal is not None:
             raise RequestFailed(str(self._refusal), self._refusal.status, self._refusal.code)
         spec = _spec(seq)
-        handle = self._handle.options(stream=True, multiplexed_model_id=spec.model_id)
+        handle = self._handle.options(stream=True, multiplexed_model_id=spec.model_id if self.affinity else "")
         served = SERVED_BY.get()
         attempt, streamed = 0, False
         self._in_flight += 1
@@ -275,6 +277,11 @@ class RemoteAdapterService(AdapterService):
     async def check_user_state(self, m: AdapterManifest, state: dict) -> None:
         await self.client.check_user_state(m, state)
 
+    async def for_stack(self, members, user: str | None, max_rank: int):
+        """Multi-adapter requests (server.adapters.stacking) are not routed to replicas yet: a clear 400."""
+        raise InvalidRequest("several adapters in one request (`adapters`) are not served under Ray Serve yet: "
+                             "use one adapter per request, or a single-process server", param="adapters", code="not_supported_here")  # fmt: skip
+
 
 class _ReplicaGauges:
     """Per-replica series beside the summed ones: hotswap_replica_*{replica}."""
@@ -302,7 +309,8 @@ class _ReplicaGauges:
 
 def _spec(seq: Sequence) -> GenerateSpec:
     remote = seq.adapter_weights
-    common = dict(prompt_token_ids=seq.prompt_token_ids, params=seq.params, request_id=seq.request_id, tenant=seq.tenant, tenant_weight=seq.tenant_weight)
+    common = dict(prompt_token_ids=seq.prompt_token_ids, params=seq.params, request_id=seq.request_id, tenant=seq.tenant,
+                  tenant_weight=seq.tenant_weight, streamed=seq.streamed)  # fmt: skip
     if isinstance(remote, RemoteAdapter):
         return GenerateSpec(**common, manifest=remote.manifest, user=remote.user)
     return GenerateSpec(**common, adapter=seq.adapter, prefix_identity=seq.prefix_identity)

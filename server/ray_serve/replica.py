@@ -3,7 +3,8 @@
 Each replica is what `hotswap serve` runs in one process — LLMEngine on its own thread, EngineClient,
 an AdapterService on the shared registry with its own disk and host caches — minus the HTTP layer,
 which lives once, in the ingress (server.ray_serve.ingress). Requests arrive as `GenerateSpec`s
-(server.ray_serve.wire) and stream back as `Started`, `Progress`..., or `Failed`.
+(server.ray_serve.wire) and stream back as `Started`, `Progress`..., or `Failed`; the outputs of a
+sequence are merged into fewer messages (server.ray_serve.batching).
 
 Adapter affinity is Ray Serve's model multiplexing: a request for a registry adapter carries its
 identity (tenant/name@vN) as the multiplexed model id; the replica "loads the model" by bringing that
@@ -27,6 +28,7 @@ from server.engine.client import EngineClient, RequestFailed, Sequence
 from server.engine.llm_engine import LLMEngine
 from server.errors import HotswapError
 from server.metrics import Metrics
+from server.ray_serve.batching import DEFAULT_INTERVAL_S, in_batches, merge_outputs
 from server.ray_serve.board import open_board
 from server.ray_serve.wire import Failed, GenerateSpec, Progress, Started
 
@@ -48,6 +50,7 @@ class ReplicaSettings:
     host_adapter_bytes: int = 4 * 2**30
     board: str = ""  # the board actor's name (server.ray_serve.board); "" = none
     max_adapters: int = 64  # Ray Serve's max_num_models_per_replica
+    stream_interval_s: float = DEFAULT_INTERVAL_S  # a streamed request's outputs merge over this (server.ray_serve.batching)
     log_level: str = "info"
 
 
@@ -141,11 +144,12 @@ class EngineReplica:
         try:
             seq = await self._sequence(spec)
             queue_s = None
-            async with contextlib.aclosing(self.client.generate(seq)) as outputs:
-                async for out in outputs:
+            interval = self.settings.stream_interval_s if spec.streamed else None  # not streamed: the rest in one piece
+            async with contextlib.aclosing(in_batches(self.client.generate(seq), interval)) as batches:
+                async for outs in batches:
                     if queue_s is None and seq.first_scheduled_time is not None:
                         queue_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
-                    yield Progress(out, queue_s, seq.num_cached_tokens)
+                    yield Progress(merge_outputs(outs), queue_s, seq.num_cached_tokens)
         except REQUEST_ERRORS as e:
             yield Failed.of(e)
 

@@ -3,7 +3,8 @@
 A request travels as a `GenerateSpec`: the prompt's token ids, the sampling parameters, who asks, and
 the adapter as the ingress resolved it — for a registry adapter the exact manifest (tenant, name,
 version, content hash), so that a replica loads exactly that version, never a stale one. The replica
-answers with a stream: `Started` (which replica took it), then one `Progress` per engine output, or a
+answers with a stream: `Started` (which replica took it), then `Progress` messages (engine outputs,
+several merged into one where they came close together: server.ray_serve.batching), or a
 `Failed` carrying the request's error as status + code + message (exceptions are not pickled: their
 constructors differ, and a class may not exist on the other side).
 """
@@ -46,6 +47,7 @@ class GenerateSpec:
     # ... or the base model (None) / a static --adapter by name, with the ingress's prefix identity
     adapter: str | None = None
     prefix_identity: str | None = None
+    streamed: bool = True  # the client reads outputs as they come; False: the replica sends the rest in one piece
 
     @property
     def model_id(self) -> str:
