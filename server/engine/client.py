@@ -10,12 +10,16 @@ HTTP layer maps to statuses in one place.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
 from jinja2 import TemplateError
 
+from server.engine import guided
 from server.engine.async_engine import AsyncEngine, RequestOutput
 from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import MIN_TEMPERATURE, RequestFailed, SamplingParams, Sequence
@@ -63,6 +67,9 @@ class TextOps:
     before it sends token ids to an engine replica."""
 
     tokenizer: object
+    limits: EngineLimits
+    _grammars: guided.Grammars | None = None
+    _compile_slots: asyncio.Semaphore | None = None
 
     # -- text ------------------------------------------------------------------------------------
     async def tokenize(self, text: str) -> list[int]:
@@ -75,20 +82,74 @@ class TextOps:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 
-    async def render_chat(self, messages: list[dict]) -> list[int]:
-        """The prompt tokens of a conversation under the model's chat template (InvalidRequest if the
-        template refuses it, e.g. "roles must alternate")."""
+    @property
+    def chat_template_uses_tools(self) -> bool:
+        """Whether the chat template renders a `tools` argument (tool calling needs one that does)."""
+        return _template_uses_tools(self.tokenizer.chat_template)
+
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt tokens of a conversation under the model's chat template, with the tools it may call
+        (InvalidRequest if the template refuses it, e.g. "roles must alternate")."""
         tok = self.tokenizer
+        extra = {"tools": tools} if tools else {}
 
         def render() -> list[int]:
             try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
             except TemplateError as e:
                 raise InvalidRequest(f"the model's chat template refuses these messages: {e.message or 'template error'}", param="messages") from None
             return tok(text, add_special_tokens=False)["input_ids"]
 
         chars = sum(len(m["content"]) for m in messages) + TEMPLATE_CHARS_PER_MESSAGE * len(messages)
-        return await asyncio.to_thread(render) if chars > OFFLOAD_CHARS else render()
+        return await asyncio.to_thread(render) if chars > OFFLOAD_CHARS or tools or len(messages) > 64 else render()
+
+    # -- structured output -----------------------------------------------------------------------
+    @property
+    def grammars(self) -> guided.Grammars:
+        """Grammars for this tokenizer over the model's logits width (server.engine.guided)."""
+        if self._grammars is None:
+            eos = self.tokenizer.eos_token_id
+            self._grammars = guided.Grammars(self.tokenizer, self.limits.vocab_size, [] if eos is None else [eos])
+        return self._grammars
+
+    async def compile_guided(self, spec: guided.GuidedSpec):
+        """The spec's compiled grammar, compiled on a worker thread (GuidedError: too large, malformed,
+        unsupported, or slower than COMPILE_TIMEOUT_S). At most MAX_COMPILES run at once: a compile cannot be
+        interrupted, so one that overruns keeps its slot until it ends and hostile schemas cannot pile up."""
+        grammars = self.grammars
+        if (hit := grammars.cached(spec)) is not None:
+            return hit
+        guided.check_spec(spec)  # the limits before any wait or thread
+        if self._compile_slots is None:
+            self._compile_slots = asyncio.Semaphore(MAX_COMPILES)
+        slots, loop = self._compile_slots, asyncio.get_running_loop()
+        deadline = loop.time() + guided.COMPILE_TIMEOUT_S
+        try:
+            await asyncio.wait_for(slots.acquire(), guided.COMPILE_TIMEOUT_S)
+            work = loop.run_in_executor(None, grammars.compile, spec)
+            work.add_done_callback(lambda _: slots.release())
+            return await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise guided.GuidedError(f"the grammar did not compile within {guided.COMPILE_TIMEOUT_S:g} s: simplify it") from None
+
+
+# Grammars compiled at once (server.engine.guided), each on a worker thread of its own.
+MAX_COMPILES = 2
+
+
+def _template_uses_tools(template) -> bool:
+    if isinstance(template, dict):  # several named templates: any of them
+        return any(_template_uses_tools(t) for t in template.values())
+    return isinstance(template, str) and _source_uses_tools(template)
+
+
+@functools.lru_cache(maxsize=8)
+def _source_uses_tools(template: str) -> bool:
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+    except jinja2.TemplateError:
+        return False
+
 
 
 class EngineClient(TextOps):
@@ -122,6 +183,11 @@ class EngineClient(TextOps):
     @property
     def tokenizer(self):
         return self._engine.tokenizer
+
+    @property
+    def grammars(self):
+        """The engine's own grammars: one tokenizer index, one cache, for the API and the engine."""
+        return self._engine.grammars
 
     @property
     def model_dir(self) -> Path:

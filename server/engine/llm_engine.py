@@ -22,6 +22,7 @@ from server.engine.device import dtype_name, kv_cache_tokens, resolve_device, re
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine_thread import EngineThread
 from server.engine.fairness import waiting_queue
+from server.engine.guided import GUIDED_REJECTED, Grammars, GuidedError
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import RequestFailed, Sequence
@@ -117,6 +118,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(
             t for t in (*mcfg.eos_token_ids, self.tokenizer.eos_token_id) if t is not None
         )
+        # structured output: grammars over the model's logits width, ending at its stop tokens (server.engine.guided)
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, sorted(self.eos_token_ids))
 
         self.adapters = AdapterManager(self.model, config.adapter_memory_bytes, device=self.device, lora_dtype=lora_dtype,
                                        transfers=transfers_for(self.device), preallocate=self.device.type == "cuda")
@@ -163,7 +166,9 @@ class LLMEngine:
         (a rejected draft would have moved it on)."""
         if config is None:
             return None
-        return Speculator(config, lambda seq: seq.adapter is None or self.adapters.get(seq.adapter).weights is None)
+        # (nor for guided sequences: their matcher moves one kept token at a time, see server.engine.guided)
+        return Speculator(config, lambda seq: seq.params.guided is None
+                          and (seq.adapter is None or self.adapters.get(seq.adapter).weights is None))
 
     @property
     def speculator(self) -> Speculator | None:
@@ -274,14 +279,32 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+        if seq.params.guided is not None and seq.guided is None and not self._start_grammar(seq):
+            return
         self.scheduler.add(seq)
+
+    def _start_grammar(self, seq: Sequence) -> bool:
+        """Give a guided sequence its matcher (compiling its spec here only if nobody did: the API and Ray
+        replicas compile on worker threads first). False: it failed alone, reported by the next step."""
+        try:
+            if seq.grammar is None:
+                seq.grammar = self.grammars.compile(seq.params.guided)
+            seq.guided = self.grammars.start(seq.grammar)
+            return True
+        except GuidedError as e:
+            seq.fail(RequestFailed(str(e), status=400, code="invalid_guided_decoding"))
+        except Exception:
+            log.exception("sequence %d: cannot start its grammar", seq.seq_id)
+            seq.fail(RequestFailed("structured output could not start for this request"))
+        self.scheduler.failed.append(seq)
+        return False
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)
         self._forget(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.scheduler.failed)
 
     def _forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.seq_id, None)
@@ -293,6 +316,7 @@ class LLMEngine:
             return [self._failed(seq) for seq in self.scheduler.take_failed()]
         self.runner.zero_blocks(self.block_manager.take_fresh())
         result = self._run(scheduled)
+        self._advance_grammars(scheduled, result)
         for i, why in result.failures.items():
             scheduled[i].seq.fail(RequestFailed(why))
         before = [len(item.seq.output_token_ids) for item in scheduled]
@@ -316,8 +340,23 @@ class LLMEngine:
         return updates
 
     def _stop_string(self, seq: Sequence, token: int) -> bool:
-        """Detokenize a kept token; True when a stop string ended the text (EOS and stop tokens are not text)."""
-        return self._detok[seq.seq_id].add(token)
+        """Detokenize a kept token; True when a stop string ended the text (EOS and stop tokens are not text),
+        or when its grammar has ended (a guided sequence with ignore_eos: nothing may follow)."""
+        return self._detok[seq.seq_id].add(token) or (seq.guided is not None and seq.guided.terminated)
+
+    @staticmethod
+    def _advance_grammars(scheduled: list[ScheduledSeq], result: StepResult) -> None:
+        """Move each guided sequence's matcher on by the token it sampled (once per step, after the step's
+        one-at-a-time retry if any). The mask makes a rejection impossible unless something broke: then that
+        sequence fails alone."""
+        for i, item in enumerate(scheduled):
+            state = item.seq.guided
+            if state is None or i in result.failures:
+                continue
+            for token in result.tokens[i]:  # one token: guided sequences get no drafts
+                if not state.accept(token):
+                    result.failures[i], result.tokens[i] = GUIDED_REJECTED, []
+                    break
 
     def _failed(self, seq: Sequence) -> SeqUpdate:
         self._forget(seq)

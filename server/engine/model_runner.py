@@ -20,6 +20,7 @@ import torch
 from kernels import make_lora_plan
 from kernels.attention import PrefillChunks
 from kernels.staging import HostStaging
+from server.engine.guided import mask_logits
 from server.engine.sampler import NON_FINITE, sample, verify
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
@@ -281,6 +282,10 @@ class ModelRunner:
             finite = torch.isfinite(last_hidden).all(dim=-1)
             logits = self.model.compute_logits(last_hidden)
             params = [scheduled[i].seq.params for i, _ in layout.sample_rows]
+            # Structured output masks last: after any logits processing, and after logprobs were read (they
+            # describe the model's distribution, not the grammar's). Only guided rows pay (server.engine.guided).
+            guided = [(r, scheduled[i].seq.guided) for r, (i, _) in enumerate(layout.sample_rows) if scheduled[i].seq.guided is not None]
+            guided_failed = {layout.sample_rows[r][0]: why for r, why in mask_logits(logits, guided).items()} if guided else {}
             if not layout.num_drafts:
                 tokens = self._to_host(sample(logits, params, layout.sample_positions, finite))
                 accepted = [False] * len(tokens)
@@ -290,6 +295,10 @@ class ModelRunner:
             stopped: set[int] = set()  # sequences whose draft was rejected (or that failed): later rows are moot
             for (i, _), tok, ok, draft in zip(layout.sample_rows, tokens, accepted, layout.sample_drafts):
                 if i in stopped:
+                    continue
+                if i in guided_failed:  # its matcher failed: this sequence alone fails
+                    stopped.add(i)
+                    failures[i] = guided_failed[i]
                     continue
                 if ok:  # an accepted draft token, then the next row
                     sampled[i].append(draft)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from server.engine.guided import GrammarState, GuidedSpec
     from server.families.base import AdapterWeights
 
 
@@ -36,6 +37,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Structured output (server.engine.guided): the grammar the output must follow. A small picklable spec,
+    # compiled where the sequence runs (a Ray replica compiles its own), never the compiled grammar.
+    guided: GuidedSpec | None = None
 
     def __post_init__(self) -> None:
         # The API validates requests at the edge; these are the engine's own invariants, so that no
@@ -95,6 +99,10 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it was first admitted to the running batch (queue time)
+    # Structured output: params.guided compiled off the engine thread by whoever built the sequence (the API,
+    # a Ray replica; the engine compiles it on add otherwise), and the sequence's own matcher, made on add.
+    grammar: object | None = None
+    guided: GrammarState | None = None
     # The client reads outputs as they come (SSE); False: only the whole result is read, so a Ray replica
     # sends it in one piece instead of one message per token (server.ray_serve.batching).
     streamed: bool = True
