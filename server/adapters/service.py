@@ -21,6 +21,7 @@ import torch
 
 from adapters_store import AdapterManifest, AdapterNotFound, CorruptObject, DiskCache, Registry, StoreUnavailable
 from server.adapters.host_cache import HostCache
+from server.adapters.stacking import Member, StackIndex, stacked_for_request
 from server import errors
 from server.auth import Principal
 from server.families.base import AdapterWeights
@@ -29,6 +30,9 @@ from server.families.registry import family_named
 log = logging.getLogger(__name__)
 
 MAX_CACHED_USERS = 65_536  # per-user states kept in memory (a `user` field is free text)
+# Adapters loaded through vLLM's /v1/load_lora_adapter (server.api.openai.lora_adapters) are public
+# adapters of this tenant; a bare name that is not one of the caller's own resolves here, as in vLLM.
+RUNTIME_TENANT = "runtime"
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
@@ -74,6 +78,7 @@ class AdapterService:
         self._inflight: dict[str, asyncio.Future] = {}
         # (tenant, adapter, user) -> (fetched at, state); least recently used first, at most MAX_CACHED_USERS
         self._user_states: OrderedDict[tuple[str, str, str], tuple[float, dict | None]] = OrderedDict()
+        self.stacks = StackIndex()  # multi-adapter requests: which stacked keys hold which adapter
 
     # -- names -----------------------------------------------------------------------------
     async def manifest(self, tenant: str, name: str, *, fresh: bool = False) -> AdapterManifest:
@@ -97,15 +102,19 @@ class AdapterService:
         self._manifests.pop((tenant, name), None)
 
     async def resolve(self, principal: Principal, model: str) -> AdapterManifest:
-        """`tenant/name`, or a bare `name` of the caller's own tenant. 404 alike for missing and not allowed."""
+        """`tenant/name`, or a bare `name`: the caller's own tenant's, else a runtime-loaded adapter's (RUNTIME_TENANT).
+        404 alike for missing and not allowed."""
         not_found = errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
         tenant, sep, name = model.partition("/")
-        if not sep:
-            if principal.tenant is None:
-                raise not_found
-            tenant, name = principal.tenant, model
+        if not sep:  # the caller's own adapter, else one loaded at run time (RUNTIME_TENANT)
+            tenant, name = principal.tenant or RUNTIME_TENANT, model
         try:
-            m = await self.manifest(tenant, name)
+            try:
+                m = await self.manifest(tenant, name)
+            except AdapterNotFound:
+                if sep or tenant == RUNTIME_TENANT:
+                    raise
+                m = await self.manifest(RUNTIME_TENANT, name)
         except AdapterNotFound:
             raise not_found from None
         except StoreUnavailable as e:
@@ -140,6 +149,11 @@ class AdapterService:
                 raise errors.InvalidRequest(e.message, param="user") from None
             self.host.put(key, cached)
         return key, cached, f"{m.sha256}#state={digest}"
+
+    async def for_stack(self, members: list[Member], user: str | None, max_rank: int) -> tuple[str, AdapterWeights, str]:
+        """(engine key, host weights, content identity) of several adapters merged into one rank-stacked LoRA
+        for a request (server.adapters.stacking)."""
+        return await stacked_for_request(self, members, user, max_rank)
 
     async def user_state(self, m: AdapterManifest, user: str) -> dict | None:
         """A user's stored state, cached like manifests (and served stale while the store is down)."""

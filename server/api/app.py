@@ -17,6 +17,7 @@ from server.api.admin.routes import router as admin_router
 from server.api.errors import APIError, ErrorBoundary, api_error_handler, domain_error_handler, http_error_handler, validation_error_handler
 from server.api.guard import Admission, RequestGuard
 from server.api.limits import RequestLimits
+from server.api.openai.lora_adapters import router as lora_adapters_router
 from server.api.openai.routes import router as openai_router
 from server.api.openai.serving import OpenAIServing
 from server.auth import is_admin_request
@@ -70,6 +71,7 @@ def build_app(
     app.add_middleware(ErrorBoundary)
 
     app.include_router(openai_router)
+    app.include_router(lora_adapters_router)  # vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter (admin key)
     app.include_router(admin_router)
     app.include_router(generate_router)
     app.include_router(generators_router)

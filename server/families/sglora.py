@@ -20,8 +20,8 @@ The first generator, `SimilarityFusion`, is exact: it writes the weighted sum of
 
     ΔW = Σ_i w_i s_i B_i A_i
 
-losslessly as ONE PEFT LoRA by stacking ranks, A = [A_1; A_2; ...] and B = [w_1 s_1 B_1, w_2 s_2 B_2, ...],
-since B A = Σ_i (w_i s_i B_i) A_i. The file says lora_alpha == r everywhere so PEFT's scale is 1.
+losslessly as ONE PEFT LoRA by stacking ranks (server.lora.stack, shared with multi-adapter requests),
+A = [A_1; A_2; ...] and B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], since B A = Σ_i (w_i s_i B_i) A_i. The file says lora_alpha == r everywhere so PEFT's scale is 1.
 A module present in only some experts gets only their blocks: its rank is the sum of those
 experts' ranks, declared per module through PEFT's `rank_pattern` / `alpha_pattern` (no zero rows,
 and exactly the modules the experts touch are targeted). The result loads through
@@ -46,6 +46,7 @@ from safetensors.torch import save as safetensors_save
 
 from adapters_store import AdapterManifest
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, LoraWeights
+from server.lora.stack import fused_ranks, stack_lora_modules  # fused_ranks: re-exported for older importers
 from server.models.modules import module_path
 
 GENERATOR_PREFIX = "sg-lora/"
@@ -115,15 +116,6 @@ class Generator(Protocol):
     def generate(self, experts: list[tuple[AdapterManifest, LoraWeights]], weights: list[float], seed: int) -> dict[str, bytes]:
         """PEFT adapter files (adapter_config.json, adapter_model.safetensors) for the weighted experts."""
         ...
-
-
-def fused_ranks(experts: list[LoraWeights]) -> dict[tuple[int, str], int]:
-    """(layer, module) -> rank of the rank-stacked fusion: the sum of the experts' ranks there."""
-    out: dict[tuple[int, str], int] = {}
-    for w in experts:
-        for key, (a, _, _) in w.modules.items():
-            out[key] = out.get(key, 0) + a.shape[0]
-    return out
 
 
 def peft_lora_files(
@@ -213,14 +205,7 @@ class SimilarityFusion:
         if len(weights) != len(experts):
             raise GenerationError(f"{len(experts)} experts but {len(weights)} weights")
         self.check([w for _, w in experts])
-        blocks: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for (_, lora), weight in zip(experts, weights):
-            for key, (a, b, scale) in sorted(lora.modules.items()):
-                coef = float(weight) * float(scale)
-                a_list, b_list = blocks.setdefault(key, ([], []))
-                a_list.append(a.float())
-                b_list.append(b.float() * coef)
-        modules = {key: (torch.cat(a_list, dim=0), torch.cat(b_list, dim=1)) for key, (a_list, b_list) in blocks.items()}
+        modules = stack_lora_modules([lora for _, lora in experts], [float(w) for w in weights])
         base_model = experts[0][0].base_model if experts[0][0] is not None else ""
         return peft_lora_files(modules, self.num_layers, base_model)
 

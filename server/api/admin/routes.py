@@ -12,10 +12,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.tenants import MAX_WEIGHT, MIN_WEIGHT
-from server.adapters.service import device_key, keys_prefix
+from server.adapters.service import device_key
+from server.api.admin.lifecycle import delete_everywhere, publish_files
 from server.api.admin.uploads import ARCHIVE_SUFFIXES, extract_archive
 from server.api.errors import APIError, too_large
-from server.engine.client import ADAPTER_FILES
 from server.errors import InvalidRequest
 from server.validation import StrictModel, Text
 
@@ -127,14 +127,8 @@ async def upload_adapter(request: Request):
             files.update(await asyncio.to_thread(extract_archive, data, filename, limit))  # decompression: off the event loop
         else:
             files[filename.rsplit("/", 1)[-1]] = data
-    found = await state.engine.validate_adapter(files, f"{tenant}/{name}", family)
-    ranks = found.units
-    manifest = await state.registry.publish(
-        tenant, name, {k: files[k] for k in ADAPTER_FILES},
-        family=found.family, base_model=state.adapter_service.base_model, ranks=ranks, target_modules=sorted(ranks),
-        description=fields.get("description", ""), public=public, new_version=new_version,
-    )  # fmt: skip
-    state.adapter_service.forget(tenant, name)
+    manifest = await publish_files(state, tenant, name, files, family=family, description=fields.get("description", ""), public=public,
+                                   new_version=new_version)  # fmt: skip
     return JSONResponse(_manifest_json(manifest), status_code=201)
 
 
@@ -165,14 +159,7 @@ async def get_adapter(tenant: str, name: str, request: Request):
 @router.delete("/adapters/{tenant}/{name}")
 async def delete_adapter(tenant: str, name: str, request: Request):
     state = _admin(request)
-    service = state.adapter_service
-    await service.manifest(tenant, name, fresh=True)  # 404 before anything is deleted
-    versions = await state.registry.delete_adapter(tenant, name)
-    service.forget(tenant, name)
-    # Every version and every user-state copy goes: a name uploaded again restarts at v1, whose key
-    # must not find the old contents. Running requests keep their weights until they finish.
-    service.host.drop_matching(keys_prefix(tenant, name))
-    await state.engine.evict_adapter(keys_prefix(tenant, name))
+    versions = await delete_everywhere(state, tenant, name)
     return {"deleted": f"{tenant}/{name}", "versions": versions}
 
 

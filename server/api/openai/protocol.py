@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from adapters_store.user_state import MAX_USER_CHARS
+from server.adapters.stacking import MAX_ABS_WEIGHT, MAX_MEMBERS
 from server.validation import StrictModel, Text
 from server.engine.client import MIN_TEMPERATURE
 
@@ -29,6 +30,13 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class AdapterMember(StrictModel):
+    """One adapter of a multi-adapter request (server.api.openai.merging), with its weight in the linear merge."""
+
+    model: Annotated[Text, Field(min_length=1, max_length=512)]
+    weight: Annotated[float, Field(ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT)] = 1.0
+
+
 class SamplingFields(StrictModel):
     model: Annotated[Text, Field(min_length=1, max_length=512)]
     max_tokens: int | None = Field(None, ge=1)
@@ -46,6 +54,9 @@ class SamplingFields(StrictModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    # extension (LoRAX-style merged adapters): `model` is then the base model's name
+    adapters: Annotated[list[AdapterMember], Field(min_length=1, max_length=MAX_MEMBERS)] | None = None
+    merge_strategy: Annotated[Text, Field(max_length=64)] | None = None  # "linear" (the default) only
 
 
 class CompletionRequest(SamplingFields):

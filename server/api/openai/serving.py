@@ -22,9 +22,11 @@ from datetime import datetime
 from fastapi import Request
 
 from adapters_store.tenants import DEFAULT_SETTINGS
-from server.adapters.service import AdapterService
+from server.adapters.service import RUNTIME_TENANT, AdapterService
 from server.api.errors import APIError, error_body, to_api_error
 from server.api.limits import RequestLimits
+from server.api.openai.lora_adapters import LORA_PATH_KEY
+from server.api.openai.merging import resolve_merged
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from server.api.quotas import Lease, QuotaExceeded, TenantQuotas
 from server.auth import Principal
@@ -54,15 +56,21 @@ class OpenAIServing:
         base = self.engine.model_name
         # where the weights live on disk is the operator's business, not a tenant's
         cards = [ModelCard(id=base, created=self.created, root=str(self.engine.model_dir) if principal.admin else base)]
-        cards += [ModelCard(id=name, created=self.created, parent=base) for name in sorted(self.engine.static_adapters)]
+        cards += [ModelCard(id=name, created=self.created, root=name, parent=base) for name in sorted(self.engine.static_adapters)]
         service = self.adapter_service
         if service is not None:  # a store outage is a 503 that names no store (server.api.errors)
             manifests = await service.registry.list(principal.tenant if not principal.admin else None)
             if principal.tenant is not None:  # plus other tenants' public adapters
                 manifests += [m for m in await service.registry.list() if m.public and m.tenant != principal.tenant]
+            own = {m.name for m in manifests if m.tenant == principal.tenant}
             for m in manifests:
-                model_id = m.name if m.tenant == principal.tenant else f"{m.tenant}/{m.name}"
-                cards.append(ModelCard(id=model_id, created=_epoch(m.created_at), parent=base, owned_by=m.tenant))
+                # the id `model` takes (AdapterService.resolve): runtime-loaded adapters by bare name unless one's own shadows it
+                bare = m.tenant == principal.tenant or (m.tenant == RUNTIME_TENANT and m.name not in own)
+                model_id = m.name if bare else f"{m.tenant}/{m.name}"
+                # vLLM's LoRA cards: root = the path it was loaded from (the admin's business), parent = the base model
+                root = (m.provenance or {}).get(LORA_PATH_KEY) if principal.admin else None
+                cards.append(ModelCard(id=model_id, created=_epoch(m.created_at), root=root if isinstance(root, str) else model_id, parent=base,
+                                       owned_by=m.tenant))  # fmt: skip
         return ModelList(data=cards)
 
     @staticmethod
@@ -92,9 +100,12 @@ class OpenAIServing:
             self.metrics.rate_limited.labels(tenant_label(lease.tenant), e.limit).inc()
             raise
 
-    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None) -> tuple[str | None, object | None, str]:
+    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None, adapters=None,
+                              merge_strategy: str | None = None) -> tuple[str | None, object | None, str]:  # fmt: skip
         """(engine adapter key, host weights to place if not resident, content identity for the prefix
-        cache) for the request's `model`."""
+        cache) for the request's `model`, or for its `adapters` merged into one (server.api.openai.merging)."""
+        if adapters is not None or merge_strategy is not None:
+            return await resolve_merged(self, model, raw, user, adapters, merge_strategy)
         if model == self.engine.model_name:
             return None, None, ""
         if model in self.engine.static_adapters:
@@ -229,7 +240,7 @@ class OpenAIServing:
                 raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
             prompts = await self._completion_prompts(req)
             self.charge_prompt(lease, sum(len(ids) for ids in prompts))
-            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapters, req.merge_strategy)
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
             seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
             return await self._run("completions", req, seqs, raw, lease, chat=False)
@@ -243,7 +254,7 @@ class OpenAIServing:
             self._check_supported(req)
             ids = await self._chat_prompt(req)
             self.charge_prompt(lease, len(ids))
-            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user)
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapters, req.merge_strategy)
             seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, lease)
             return await self._run("chat", req, seqs, raw, lease, chat=True)
         except BaseException:
