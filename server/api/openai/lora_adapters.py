@@ -36,12 +36,12 @@ from server.adapters.service import RUNTIME_TENANT
 from server.api.admin.lifecycle import delete_everywhere, publish_files
 from server.api.errors import NOT_FOUND, APIError
 from server.engine.client import ADAPTER_FILES
-from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 from server.validation import StrictModel, Text
 
 log = logging.getLogger("hotswap.api")
 router = APIRouter(prefix="/v1")
 
+CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES
 LORA_PATH_KEY = "lora_path"  # in the manifest's provenance: where the adapter was loaded from (the admin's /v1/models shows it as `root`)
 LOADED_BY = "/v1/load_lora_adapter"
 

@@ -55,7 +55,8 @@ class SamplingFields(StrictModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
     # extension (LoRAX-style merged adapters): `model` is then the base model's name
-    adapters: Annotated[list[AdapterMember], Field(min_length=1, max_length=MAX_MEMBERS)] | None = None
+    # (named adapter_members in Python: `adapters` is the engine's, which the API never touches: tests/test_api_seam.py)
+    adapter_members: Annotated[list[AdapterMember], Field(min_length=1, max_length=MAX_MEMBERS)] | None = Field(None, alias="adapters")
     merge_strategy: Annotated[Text, Field(max_length=64)] | None = None  # "linear" (the default) only
 
 

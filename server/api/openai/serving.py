@@ -100,12 +100,12 @@ class OpenAIServing:
             self.metrics.rate_limited.labels(tenant_label(lease.tenant), e.limit).inc()
             raise
 
-    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None, adapters=None,
+    async def resolve_adapter(self, model: str, raw: Request, user: str | None = None, members=None,
                               merge_strategy: str | None = None) -> tuple[str | None, object | None, str]:  # fmt: skip
         """(engine adapter key, host weights to place if not resident, content identity for the prefix
         cache) for the request's `model`, or for its `adapters` merged into one (server.api.openai.merging)."""
-        if adapters is not None or merge_strategy is not None:
-            return await resolve_merged(self, model, raw, user, adapters, merge_strategy)
+        if members is not None or merge_strategy is not None:
+            return await resolve_merged(self, model, raw, user, members, merge_strategy)
         if model == self.engine.model_name:
             return None, None, ""
         if model in self.engine.static_adapters:
@@ -240,7 +240,7 @@ class OpenAIServing:
                 raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
             prompts = await self._completion_prompts(req)
             self.charge_prompt(lease, sum(len(ids) for ids in prompts))
-            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapters, req.merge_strategy)
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
             seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
             return await self._run("completions", req, seqs, raw, lease, chat=False)
@@ -254,7 +254,7 @@ class OpenAIServing:
             self._check_supported(req)
             ids = await self._chat_prompt(req)
             self.charge_prompt(lease, len(ids))
-            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapters, req.merge_strategy)
+            adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, lease)
             return await self._run("chat", req, seqs, raw, lease, chat=True)
         except BaseException:
