@@ -36,6 +36,9 @@ from server.errors import InvalidRequest
 MAX_SPEC_BYTES = 32 * 1024  # the schema / regex / grammar text, or all choices together
 MAX_NESTING = 24  # JSON nesting depth of a schema document
 MAX_CHOICES = 256
+# properties of one schema object: xgrammar's compile time grows about quadratically with optional ones
+# (256: 0.3 s, 1,000: 5 s on this box's cores)
+MAX_PROPERTIES = 256
 COMPILE_TIMEOUT_S = 10.0  # the API waits this long for a compile (server.engine.client.TextOps.compile_guided)
 CACHE_SIZE = 64  # compiled grammars kept per tokenizer
 
@@ -120,6 +123,8 @@ def _depth(value) -> int:
             deepest = max(deepest, depth)
             if depth > MAX_NESTING:  # deep enough to refuse: no need to walk the rest
                 return depth
+            if isinstance(node, dict) and isinstance(props := node.get("properties"), dict) and len(props) > MAX_PROPERTIES:
+                raise GuidedError(f"a JSON schema object has {len(props)} properties; this server compiles at most {MAX_PROPERTIES}")
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
     return deepest
 

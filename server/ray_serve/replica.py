@@ -164,8 +164,11 @@ class EngineReplica:
             await self._adapter(adapter_id)  # affinity: Serve now routes this id here first
             await self._refresh(m)
             adapter, weights, identity = await self.service.for_request(m, spec.user)
-        return Sequence(list(spec.prompt_token_ids), spec.params, adapter, adapter_weights=weights, request_id=spec.request_id,
-                        tenant=spec.tenant, tenant_weight=spec.tenant_weight, prefix_identity=identity)  # fmt: skip
+        seq = Sequence(list(spec.prompt_token_ids), spec.params, adapter, adapter_weights=weights, request_id=spec.request_id,
+                       tenant=spec.tenant, tenant_weight=spec.tenant_weight, prefix_identity=identity)  # fmt: skip
+        if spec.params.guided is not None:  # structured output: compiled here, off the engine thread (never pickled)
+            seq.grammar = await self.client.compile_guided(spec.params.guided)
+        return seq
 
     async def _load(self, adapter_id: str) -> LoadedAdapter:
         """Bring the version named by the multiplexed id into host RAM (fetching it from the shared store)."""

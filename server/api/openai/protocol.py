@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from adapters_store.user_state import MAX_USER_CHARS
 from server.adapters.stacking import MAX_ABS_WEIGHT, MAX_MEMBERS
@@ -37,6 +37,72 @@ class AdapterMember(StrictModel):
     weight: Annotated[float, Field(ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT)] = 1.0
 
 
+# -- structured output (server.api.openai.structured) -----------------------------------------------
+MAX_CHOICES = 256  # guided_choice strings (server.engine.guided.MAX_CHOICES)
+MAX_TOOLS, MAX_TOOL_CALLS = 128, 128
+FunctionName = Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]  # OpenAI's names, plus . and :
+JsonSchema = dict | bool  # a JSON schema document, checked and compiled in server.engine.guided
+
+
+class JsonSchemaFormat(StrictModel):
+    name: FunctionName
+    description: Text | None = None
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's `structured_outputs` (exactly one constraint)."""
+
+    json_: JsonSchema | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(max_length=MAX_CHOICES)] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Text | None = None  # refused: xgrammar has no whitespace pattern
+    structural_tag: Text | None = None  # refused: not served
+
+
+# -- tools (server.api.openai.tools) ----------------------------------------------------------------
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionRef(StrictModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class FunctionCall(StrictModel):
+    name: FunctionName
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(StrictModel):
+    id: Annotated[Text, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class SamplingFields(StrictModel):
     model: Annotated[Text, Field(min_length=1, max_length=512)]
     max_tokens: int | None = Field(None, ge=1)
@@ -58,6 +124,13 @@ class SamplingFields(StrictModel):
     # (named adapter_members in Python: `adapters` is the engine's, which the API never touches: tests/test_api_seam.py)
     adapter_members: Annotated[list[AdapterMember], Field(min_length=1, max_length=MAX_MEMBERS)] | None = Field(None, alias="adapters")
     merge_strategy: Annotated[Text, Field(max_length=64)] | None = None  # "linear" (the default) only
+    # structured output: OpenAI's response_format; vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchema | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(max_length=MAX_CHOICES)] | None = None
+    guided_grammar: Text | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -74,12 +147,28 @@ class ContentPart(StrictModel):
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ContentPart] | None = None
+    name: Annotated[Text, Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None  # an assistant's
+    tool_call_id: Annotated[Text, Field(max_length=256)] | None = None  # a tool result's: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry a tool_call_id")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class Usage(BaseModel):

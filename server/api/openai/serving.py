@@ -28,6 +28,8 @@ from server.api.limits import RequestLimits
 from server.api.openai.lora_adapters import LORA_PATH_KEY
 from server.api.openai.merging import resolve_merged
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
+from server.api.openai.structured import guided_spec
+from server.api.openai.tools import ToolPlan, plan_tools, template_message
 from server.api.quotas import Lease, QuotaExceeded, TenantQuotas
 from server.auth import Principal
 from server.engine.client import EngineClient, RequestFailed, RequestOutput, SamplingParams, Sequence
@@ -129,6 +131,29 @@ class OpenAIServing:
         if any(t >= vocab for t in req.stop_token_ids or ()):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
 
+    @staticmethod
+    def _chat_guided(req: ChatCompletionRequest, tools: ToolPlan | None):
+        """The chat request's output constraint: its own (server.api.openai.structured) or its tool_choice's."""
+        spec = guided_spec(req)
+        if tools is not None and tools.guided is not None:
+            if spec is not None:
+                raise APIError(400, "a tool_choice that forces a call constrains the output itself: drop response_format / guided_*",
+                               param="tool_choice")  # fmt: skip
+            spec = tools.guided
+        return spec
+
+    async def _compile(self, spec):
+        """The spec's grammar, compiled off the event loop (GuidedError, a 400 with the reason, if it cannot be)."""
+        return None if spec is None else await self.engine.compile_guided(spec)
+
+    @staticmethod
+    def _guide(seqs: list[Sequence], spec, grammar) -> None:
+        """Every sequence of the request follows the grammar; each gets its own matcher in the engine."""
+        if spec is None:
+            return
+        for s in seqs:
+            s.params.guided, s.grammar = spec, grammar
+
     def _check_prompt_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_tokens * self.engine_limits.max_chars_per_token:
             raise self._prompt_too_long(f"{chars} characters, more than {self.max_prompt_tokens} tokens can hold", param)
@@ -213,7 +238,7 @@ class OpenAIServing:
             token_lists.append(ids)
         return token_lists
 
-    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest, tools: ToolPlan | None = None) -> list[int]:
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -221,13 +246,14 @@ class OpenAIServing:
                 if any(part.type != "text" or part.text is None for part in content):
                     raise APIError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported", param=f"messages.{i}.content")
                 content = "".join(part.text for part in content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+            messages.append(template_message(m, content or ""))
         if not self.engine.has_chat_template:
             raise APIError(400, f"model `{self.engine.model_name}` has no chat template: use /v1/completions", param="messages")
         if len(messages) > self.max_prompt_tokens:  # the template spends at least a token on each
             raise self._prompt_too_long(f"{len(messages)} messages", "messages")
-        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        ids = await self.engine.render_chat(messages)
+        tools_chars = len(json.dumps(tools.tools)) if tools is not None else 0  # the template renders them too
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages) + tools_chars, "messages")
+        ids = await self.engine.render_chat(messages, tools.tools if tools is not None else None)
         self._check_prompt_tokens(len(ids), "messages")
         return ids
 
@@ -238,11 +264,14 @@ class OpenAIServing:
             self._check_supported(req)
             if req.echo or req.suffix:
                 raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+            spec = guided_spec(req)
             prompts = await self._completion_prompts(req)
             self.charge_prompt(lease, sum(len(ids) for ids in prompts))
+            grammar = await self._compile(spec)
             adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
             seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
+            self._guide(seqs, spec, grammar)
             return await self._run("completions", req, seqs, raw, lease, chat=False)
         except BaseException:
             lease.release()
@@ -252,16 +281,23 @@ class OpenAIServing:
         lease = await self.admit(raw)
         try:
             self._check_supported(req)
-            ids = await self._chat_prompt(req)
+            tools = plan_tools(req, self.engine.chat_template_uses_tools, self.engine.model_name)
+            spec = self._chat_guided(req, tools)
+            ids = await self._chat_prompt(req, tools)
             self.charge_prompt(lease, len(ids))
+            grammar = await self._compile(spec)
             adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, lease)
-            return await self._run("chat", req, seqs, raw, lease, chat=True)
+            self._guide(seqs, spec, grammar)
+            if tools is not None and tools.mode == "none":
+                tools = None  # rendered for the model to see, never parsed
+            return await self._run("chat", req, seqs, raw, lease, chat=True, tools=tools)
         except BaseException:
             lease.release()
             raise
 
-    async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool):
+    async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool,
+                   tools: ToolPlan | None = None):  # fmt: skip
         """The response, or for a stream its chunks; the request's lease is released when either ends."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         for s in seqs:
@@ -270,18 +306,18 @@ class OpenAIServing:
         prompt_tokens = sum(len(s.prompt_token_ids) for s in seqs[:: req.n])  # each prompt counts once, whatever n
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease)
+            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease, tools)
             # The stream's own `finally` releases the lease; a stream never started (the client left
             # before the first chunk) never runs it, so its collection does.
             weakref.finalize(stream, lease.release)
             return stream
         try:
-            return await self._respond(endpoint, req, seqs, raw, lease, chat, rid, created, prompt_tokens)
+            return await self._respond(endpoint, req, seqs, raw, lease, chat, rid, created, prompt_tokens, tools)
         finally:
             lease.release()
 
     async def _respond(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool,
-                       rid: str, created: int, prompt_tokens: int) -> dict:  # fmt: skip
+                       rid: str, created: int, prompt_tokens: int, tools: ToolPlan | None = None) -> dict:  # fmt: skip
         task = asyncio.ensure_future(self._collect(endpoint, seqs, lease))
         # A client that hangs up gets its sequences aborted (and their KV blocks freed) right away.
         while not task.done():
@@ -296,7 +332,9 @@ class OpenAIServing:
         choices = []
         for i, (text, reason, _) in enumerate(results):
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
+                message, called = tools.message(text) if tools is not None else ({"role": "assistant", "content": text}, False)
+                reason = tools.finish_reason(reason, called) if tools is not None else reason
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
         completion_tokens = sum(n for _, _, n in results)
@@ -377,7 +415,8 @@ class OpenAIServing:
                 m.prefix_queried.labels(tenant).inc(len(seq.prompt_token_ids))
                 m.prefix_hits.labels(tenant).inc(seq.num_cached_tokens)
 
-    async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None, lease: Lease) -> AsyncIterator[str]:
+    async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None, lease: Lease,
+                      tools: ToolPlan | None = None) -> AsyncIterator[str]:  # fmt: skip
         """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks.
         The lease is released when generation ends, however it ends (finished, failed, the client gone)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -389,6 +428,7 @@ class OpenAIServing:
             return f"data: {json.dumps(body)}\n\n"
 
         completion_tokens = [0] * len(seqs)
+        streamers = [tools.streamer() for _ in seqs] if tools is not None else None  # each choice's text -> tool call deltas
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(seqs))])
@@ -397,7 +437,14 @@ class OpenAIServing:
                 if not out.text and not out.finished:
                     continue
                 reason = out.finish_reason if out.finished else None
-                if chat:
+                if chat and streamers is not None:
+                    deltas = streamers[i].feed(out.text, out.finished) or [{}]
+                    if out.finished:
+                        reason = tools.finish_reason(reason, streamers[i].called)
+                    for delta in deltas[:-1]:
+                        yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    yield chunk([{"index": i, "delta": deltas[-1], "logprobs": None, "finish_reason": reason}])
+                elif chat:
                     delta = {"content": out.text} if out.text else {}
                     yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
                 else:
