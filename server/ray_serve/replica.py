@@ -9,8 +9,8 @@ sequence are merged into fewer messages (server.ray_serve.batching).
 Adapter affinity is Ray Serve's model multiplexing: a request for a registry adapter carries its
 identity (tenant/name@vN) as the multiplexed model id; the replica "loads the model" by bringing that
 exact version's weights into host RAM, and Serve then routes the adapter's later requests to the
-replicas that hold it. When Serve drops an id from a replica (its LRU, `max_num_models_per_replica`),
-the replica lets go of the host and device copies too.
+replicas that hold it. Serve's per-replica LRU (`max_num_models_per_replica`, sized from the device
+adapter budget) only steers routing: the replica's tiers keep and evict weights by their own budgets.
 """
 from __future__ import annotations
 
@@ -54,20 +54,15 @@ class ReplicaSettings:
     log_level: str = "info"
 
 
+@dataclass(frozen=True)
 class LoadedAdapter:
-    """Ray Serve's "model" for one multiplexed id on this replica. Serve calls `__del__` when it drops
-    the id (its LRU); then the replica lets go of the weights. Idempotent: the garbage collector may
-    call it a second time."""
+    """Ray Serve's "model" for one multiplexed id on this replica: the version it names, whose weights
+    were brought into host RAM when Serve first routed the id here. When Serve's per-replica LRU drops
+    the id, only routing forgets it: the host and device tiers keep or evict the weights by their own
+    budgets (a device copy still there serves the id's next request here at no cost, and a host copy
+    saves a fetch from the store)."""
 
-    def __init__(self, replica: "EngineReplica", manifest: AdapterManifest):
-        self.replica, self.manifest = replica, manifest
-        self._released = False
-
-    def __del__(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        self.replica.release_soon(self.manifest)
+    manifest: AdapterManifest
 
 
 class EngineReplica:
@@ -95,7 +90,6 @@ class EngineReplica:
         self._manifests: dict[str, AdapterManifest] = {}  # multiplexed id -> the manifest a request brought for it
         self._pinned: set[str] = set()
         self._pin_failures: dict[str, str] = {}  # engine key -> why pinning it failed here (reported, not retried)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task | None = None
         self._board = open_board(settings.board) if settings.board else None
 
@@ -172,7 +166,6 @@ class EngineReplica:
 
     async def _load(self, adapter_id: str) -> LoadedAdapter:
         """Bring the version named by the multiplexed id into host RAM (fetching it from the shared store)."""
-        self._loop = asyncio.get_running_loop()
         m = self._manifests.pop(adapter_id, None)
         if m is None:  # not brought by a request (cannot happen through the ingress): read it from the store
             tenant_name, _, version = adapter_id.rpartition("@v")
@@ -180,7 +173,7 @@ class EngineReplica:
             m = await self.service.registry.get(tenant, name, int(version))
         await self._refresh(m)
         await self.service.weights(m)
-        return LoadedAdapter(self, m)
+        return LoadedAdapter(m)
 
     async def _refresh(self, m: AdapterManifest) -> None:
         """A name deleted and uploaded again starts over at v1: the same engine key, other contents. Drop
@@ -199,22 +192,6 @@ class EngineReplica:
         self._pinned.discard(key)
         await self.client.evict(key)  # requests using it finish first
 
-    def release_soon(self, m: AdapterManifest) -> None:
-        """Serve dropped m's id from this replica (LoadedAdapter.__del__, on any thread)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call: nothing left to free
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._release(m)))
-
-    async def _release(self, m: AdapterManifest) -> None:
-        key = device_key(m)
-        if key in self._pinned or self._content.get(key) != m.sha256:
-            return  # pinned by the admin, or already replaced by other contents
-        self._content.pop(key, None)
-        self.service.host.drop(key)
-        await self.client.evict(key)
-
     # -- the admin API's work, done where the model is --------------------------------------------
     async def validate_adapter(self, files: dict[str, bytes], name: str, family: str | None):
         try:
@@ -232,7 +209,6 @@ class EngineReplica:
     # -- the board: reports out, pins and evictions in ----------------------------------------------
     def _start_reporting(self) -> None:
         if self._reporter is None and self._board is not None:
-            self._loop = asyncio.get_running_loop()
             self._reporter = asyncio.ensure_future(self._report_forever())
 
     async def _report_forever(self) -> None:
