@@ -20,6 +20,7 @@ import jinja2.meta
 from jinja2 import TemplateError
 
 from server.engine import guided
+from server.engine.guided import GuidedError, GuidedSpec, check_spec
 from server.engine.async_engine import AsyncEngine, RequestOutput
 from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import MIN_TEMPERATURE, RequestFailed, SamplingParams, Sequence
@@ -31,6 +32,8 @@ from server.models.config import ModelConfig
 # What requests are made of, re-exported for the HTTP layer (it imports this module only).
 __all__ = ["EngineClient", "TextOps", "EngineLimits", "AdapterSummary", "LLMEngine", "RequestFailed", "RequestOutput", "SamplingParams", "Sequence",
            "MIN_TEMPERATURE", "ADAPTER_FILES"]
+
+__all__ += ["GuidedSpec", "GuidedError", "check_spec"]  # structured output (server.engine.guided), for the HTTP layer
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter upload is made of (every family uses PEFT's two file names)
 

@@ -16,7 +16,7 @@ import json
 
 from server.api.errors import APIError
 from server.api.openai.protocol import SamplingFields
-from server.engine.guided import GuidedError, GuidedSpec, check_spec
+from server.engine.client import GuidedError, GuidedSpec, check_spec
 
 MAX_SCHEMA_TEXT = 256 * 1024  # a schema given as JSON text is parsed only below this (the compile limit is far lower)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from server.api.errors import APIError
 from server.api.openai.protocol import ChatCompletionRequest, ChatMessage
-from server.engine.guided import GuidedSpec
+from server.engine.client import GuidedSpec
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
