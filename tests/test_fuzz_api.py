@@ -64,6 +64,8 @@ OPERATIONS = [
     "GET /v1/models",
     "POST /v1/completions",
     "POST /v1/chat/completions",
+    "POST /v1/load_lora_adapter",  # vLLM's runtime adapter endpoints: admin key only (a tenant key gets 403)
+    "POST /v1/unload_lora_adapter",
     "GET /health",
     "GET /metrics",
     "GET /admin/v1/tenants",
@@ -164,7 +166,7 @@ def served_subset(raw: dict, models: list[str], vocab: int) -> dict:
     token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}}
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = schemas[name]["properties"]
-        for refused in ("logprobs", "presence_penalty", "frequency_penalty", "echo", "suffix", "stream_options"):
+        for refused in ("logprobs", "presence_penalty", "frequency_penalty", "echo", "suffix", "stream_options", "adapters", "merge_strategy"):
             props.pop(refused, None)
         props["model"] = {"enum": models}
         props["stop_token_ids"] = token_ids
