@@ -292,7 +292,7 @@ class LLMEngine:
             seq.guided = self.grammars.start(seq.grammar)
             return True
         except GuidedError as e:
-            seq.fail(RequestFailed(str(e), status=400, code="invalid_guided_decoding"))
+            seq.fail(RequestFailed(str(e), status=400, code="invalid_structured_output"))
         except Exception:
             log.exception("sequence %d: cannot start its grammar", seq.seq_id)
             seq.fail(RequestFailed("structured output could not start for this request"))
