@@ -157,7 +157,7 @@ def served_subset(raw: dict, models: list[str], vocab: int) -> dict:
     """The request schema narrowed to what the server serves rather than refuses by design.
 
     Nearly every positive case of the full schema asks for something refused with a 400 before any
-    work (logprobs, penalties, echo, an empty prompt, token ids past the vocabulary, a model that
+    work (suffix, an empty prompt, token ids past the vocabulary, a model that
     does not exist), so on its own it would almost never reach the engine. Cases of this subset do,
     and still vary every field the server accepts."""
     raw = copy.deepcopy(raw)
@@ -166,7 +166,7 @@ def served_subset(raw: dict, models: list[str], vocab: int) -> dict:
     token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}}
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = schemas[name]["properties"]
-        for refused in ("logprobs", "presence_penalty", "frequency_penalty", "echo", "suffix", "stream_options", "adapters", "merge_strategy"):
+        for refused in ("suffix", "stream_options", "adapters", "merge_strategy"):
             props.pop(refused, None)
         props["model"] = {"enum": models}
         props["stop_token_ids"] = token_ids

@@ -95,7 +95,7 @@ def test_prompt_longer_than_the_context_is_400(client, server_engine):
         ({"model": "smollm2", "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": "smollm2", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "smollm2"}, "prompt"),
-        ({"model": "smollm2", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "smollm2", "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": "smollm2", "prompt": [], "max_tokens": 1}, "prompt"),
         ({"model": "smollm2", "prompt": [999999999]}, "prompt"),
     ],

@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from server.engine.llm_engine import ENGINE_FAILED, LLMEngine
-from server.engine.sequence import RequestFailed, Sequence
+from server.engine.sequence import RequestFailed, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per new token, where the request asked (SamplingParams.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. in the first output (SamplingParams.prompt_logprobs)
 
 
 class AsyncEngine:
@@ -138,7 +140,8 @@ class AsyncEngine:
                         continue
                     self._emit(
                         u.seq.seq_id,
-                        RequestOutput(u.text, u.new_token_ids, u.finished, u.seq.finish_reason, len(u.seq.prompt_token_ids), len(u.seq.output_token_ids)),
+                        RequestOutput(u.text, u.new_token_ids, u.finished, u.seq.finish_reason, len(u.seq.prompt_token_ids), len(u.seq.output_token_ids),
+                                      u.logprobs, u.prompt_logprobs),
                     )
                 if self.on_step is not None and engine.last_step is not None:
                     self.on_step(engine.last_step, engine)

@@ -23,7 +23,8 @@ from server.engine import guided
 from server.engine.guided import GuidedError, GuidedSpec, check_spec
 from server.engine.async_engine import AsyncEngine, RequestOutput
 from server.engine.llm_engine import LLMEngine
-from server.engine.sequence import MIN_TEMPERATURE, RequestFailed, SamplingParams, Sequence
+from server.engine.token_strings import TokenStrings
+from server.engine.sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TEMPERATURE, RequestFailed, SamplingParams, Sequence, TokenLogprob
 from server.errors import InvalidRequest, NoRoom, NotPinnable
 from server.families.registry import FAMILIES
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
@@ -31,7 +32,7 @@ from server.models.config import ModelConfig
 
 # What requests are made of, re-exported for the HTTP layer (it imports this module only).
 __all__ = ["EngineClient", "TextOps", "EngineLimits", "AdapterSummary", "LLMEngine", "RequestFailed", "RequestOutput", "SamplingParams", "Sequence",
-           "MIN_TEMPERATURE", "ADAPTER_FILES"]
+           "MIN_TEMPERATURE", "MAX_LOGPROBS", "MAX_LOGIT_BIAS", "TokenLogprob", "TokenStrings", "ADAPTER_FILES"]
 
 __all__ += ["GuidedSpec", "GuidedError", "check_spec"]  # structured output (server.engine.guided), for the HTTP layer
 
@@ -80,6 +81,17 @@ class TextOps:
         if len(text) > OFFLOAD_CHARS:
             return await asyncio.to_thread(lambda: encode(text)["input_ids"])
         return encode(text)["input_ids"]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    @property
+    def token_strings(self) -> TokenStrings:
+        """Token id -> its text and bytes, memoised (logprobs name their tokens)."""
+        strings = getattr(self, "_token_strings", None)
+        if strings is None:
+            strings = self._token_strings = TokenStrings(self.tokenizer)
+        return strings
 
     @property
     def has_chat_template(self) -> bool:
@@ -152,7 +164,6 @@ def _source_uses_tools(template: str) -> bool:
         return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
     except jinja2.TemplateError:
         return False
-
 
 
 class EngineClient(TextOps):

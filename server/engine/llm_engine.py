@@ -25,7 +25,7 @@ from server.engine.fairness import waiting_queue
 from server.engine.guided import GUIDED_REJECTED, Grammars, GuidedError
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.scheduler import ScheduledSeq, Scheduler
-from server.engine.sequence import RequestFailed, Sequence
+from server.engine.sequence import RequestFailed, Sequence, TokenLogprob
 from server.engine.speculative import SpeculativeConfig, Speculator
 from server.engine.transfer import transfers_for
 from server.errors import AdapterTooLarge
@@ -59,6 +59,8 @@ class SeqUpdate:
     text: str
     new_token_ids: list[int]
     finished: bool
+    logprobs: list[TokenLogprob] | None = None  # the new tokens' (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # in a sequence's first update (params.prompt_logprobs)
 
 
 class LLMEngine:
@@ -138,7 +140,7 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._acquire_adapter, self._release_adapter,
             self.make_speculator(config.speculative), waiting_queue(config.scheduling), self._prefix_identity,
         )
-        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device)
+        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size, self.device, self.eos_token_ids)
         if self.device.type == "cuda":
             self._warm_up_kernels(adapter_kernels)
             if not config.enforce_eager:
@@ -319,6 +321,9 @@ class LLMEngine:
         self._advance_grammars(scheduled, result)
         for i, why in result.failures.items():
             scheduled[i].seq.fail(RequestFailed(why))
+        for i, logprobs in result.prompt_logprobs.items():
+            if i not in result.failures:
+                scheduled[i].seq.prompt_logprobs += logprobs
         before = [len(item.seq.output_token_ids) for item in scheduled]
         kept = self.scheduler.postprocess(scheduled, result.tokens, self.eos_token_ids, self._stop_string)
         # Sequences refused at admission are taken only now: had the step raised, they would still be
@@ -332,7 +337,13 @@ class LLMEngine:
             if not kept[i]:
                 continue
             new = seq.output_token_ids[before[i]:]
-            updates.append(SeqUpdate(seq, self._detok[seq.seq_id].take(seq.is_finished), new, seq.is_finished))
+            update = SeqUpdate(seq, self._detok[seq.seq_id].take(seq.is_finished), new, seq.is_finished)
+            if seq.params.logprobs is not None:
+                seq.output_logprobs += result.logprobs[i][: kept[i]]
+                update.logprobs = seq.output_logprobs[before[i]:]
+            if seq.params.prompt_logprobs is not None and before[i] == 0:
+                update.prompt_logprobs = seq.prompt_logprobs
+            updates.append(update)
             if seq.is_finished:
                 self._forget(seq)
         self.scheduler.release_finished()
@@ -370,14 +381,19 @@ class LLMEngine:
         except Exception:
             log.exception("a step of %d sequences failed; running them one at a time to find which", len(scheduled))
         tokens: list[list[int]] = []
+        logprobs: list[list[TokenLogprob]] = []
+        prompt_logprobs: dict[int, list[TokenLogprob]] = {}
         failures: dict[int, str] = {}
         for i, item in enumerate(scheduled):
             try:
                 alone = self.runner.run([item])
             except Exception:
                 log.exception("sequence %d (adapter %s) fails on its own", item.seq.seq_id, item.seq.adapter)
-                alone = StepResult([[]], {0: ENGINE_FAILED}, 0)
+                alone = StepResult([[]], {0: ENGINE_FAILED}, 0, [[]])
             tokens.append(alone.tokens[0])
+            logprobs.append(alone.logprobs[0])
+            if 0 in alone.prompt_logprobs:
+                prompt_logprobs[i] = alone.prompt_logprobs[0]
             if alone.failures:
                 failures[i] = alone.failures[0]
-        return StepResult(tokens, failures, len({item.seq.adapter for item in scheduled} - {None}))
+        return StepResult(tokens, failures, len({item.seq.adapter for item in scheduled} - {None}), logprobs, prompt_logprobs)

@@ -3,7 +3,8 @@
 One step is four stages (as in nano-vllm): `prepare` lays the scheduled tokens out in plain Python
 lists, `plan` turns them into the forward context (KV slots, attention tables, each pool space's
 per-module segment plans, the step hooks of families that route), `forward` runs the model and
-`sample` picks the next tokens.
+`sample` picks the next tokens: logits, then the logits processors (penalties, logit_bias, min_tokens:
+server.engine.logits_processors), then logprobs where asked (server.engine.logprobs), then sampling.
 
 Every tensor lives on the engine's device. A step's index tensors (token ids, positions, KV slots,
 block tables, segment plans, hook rows, sampled rows, blocks to clear) are laid out on the host and
@@ -21,9 +22,11 @@ from kernels import make_lora_plan
 from kernels.attention import PrefillChunks
 from kernels.staging import HostStaging
 from server.engine.guided import mask_logits
+from server.engine.logits_processors import apply_processors
+from server.engine.logprobs import SampledLogprobs, prompt_logprobs, to_host
 from server.engine.sampler import NON_FINITE, sample, verify
 from server.engine.scheduler import ScheduledSeq
-from server.engine.sequence import Sequence
+from server.engine.sequence import SamplingParams, Sequence, TokenLogprob
 from server.families.base import HookedAdapter, SeqRows
 from server.families.registry import FAMILIES, SPACES
 from server.layers.context import ForwardContext
@@ -41,6 +44,8 @@ class StepResult:
     tokens: list[list[int]]  # per scheduled sequence: its sampled tokens (accepted drafts, then the model's own); [] while it is still prefilling or if it failed
     failures: dict[int, str]  # scheduled index -> why that sequence failed (its own numbers, its sampling)
     num_adapters: int  # distinct adapters in the step
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per scheduled sequence, one per token of `tokens` (where its params ask)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # scheduled index -> its prompt tokens' logprobs computed this step
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class StepLayout:
     sample_positions: list[int] = field(default_factory=list)  # ... and the position of the token each one samples
     sample_drafts: list[int] = field(default_factory=list)  # ... and the draft token put there (-1: none), for speculative decoding
     num_drafts: int = 0
+    prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # (scheduled index, first token row, first position, end position) whose next tokens' prompt logprobs are wanted
     hooked: dict[str, list[int]] = field(default_factory=dict)  # adapter -> its token rows, for families with a step hook
     hooked_seqs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # ... and per sequence (seq id, first row, end row, first position)
     num_adapters: int = 0
@@ -66,8 +72,9 @@ class StepLayout:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, adapters: AdapterManager, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", eos_token_ids: frozenset[int] = frozenset()):
         self.model, self.adapters, self.block_size = model, adapters, block_size
+        self.eos_token_ids = eos_token_ids  # masked, with each row's stop_token_ids, until its min_tokens
         self.device = torch.device(device)
         cfg = model.config
         # One block more than the block manager hands out: the null block, all zeros for ever, pads the
@@ -161,6 +168,11 @@ class ModelRunner:
                 out.sample_rows.append((i, t0 + n - 1))
                 out.sample_positions.append(start + n)
                 out.sample_drafts.append(-1)
+            if seq.params.prompt_logprobs is not None and not is_decode[i]:
+                # position p predicts prompt token p + 1; those recorded by an earlier (pre-preemption) run are kept
+                first, end = max(start, len(seq.prompt_logprobs)), min(start + n, len(seq.prompt_token_ids) - 1)
+                if first < end:
+                    out.prompt_rows.append((i, t0 + first - start, first, end))
             if seq.adapter is not None and self.adapters.get(seq.adapter).weights is not None:
                 out.hooked.setdefault(seq.adapter, []).extend(range(t0, t0 + n))
                 out.hooked_seqs.setdefault(seq.adapter, []).append((seq.seq_id, t0, t0 + n, start))
@@ -275,6 +287,7 @@ class ModelRunner:
 
     def sample(self, scheduled: list[ScheduledSeq], layout: StepLayout, step: dict[str, torch.Tensor], hidden: torch.Tensor) -> StepResult:
         sampled: list[list[int]] = [[] for _ in scheduled]
+        sampled_logprobs: list[list[TokenLogprob]] = [[] for _ in scheduled]
         failures: dict[int, str] = {}
         if layout.sample_rows:
             last_hidden = hidden[step["sample_rows"]]
@@ -282,18 +295,28 @@ class ModelRunner:
             finite = torch.isfinite(last_hidden).all(dim=-1)
             logits = self.model.compute_logits(last_hidden)
             params = [scheduled[i].seq.params for i, _ in layout.sample_rows]
-            # Structured output masks last: after any logits processing, and after logprobs were read (they
-            # describe the model's distribution, not the grammar's). Only guided rows pay (server.engine.guided).
+            logits = self._process(scheduled, layout, params, logits)
+            asking = [j for j, p in enumerate(params) if p.logprobs is not None]
+            wanted = SampledLogprobs(logits, asking, [params[j].logprobs for j in asking]) if asking else None
+            # Hook: constraints that shape what may be sampled (grammar masks) apply here, to `logits`: after
+            # the processors and after the logprobs were taken, so that logprobs do not depend on them.
+            # Structured output (server.engine.guided): only guided rows pay for their masks.
             guided = [(r, scheduled[i].seq.guided) for r, (i, _) in enumerate(layout.sample_rows) if scheduled[i].seq.guided is not None]
             guided_failed = {layout.sample_rows[r][0]: why for r, why in mask_logits(logits, guided).items()} if guided else {}
             if not layout.num_drafts:
-                tokens = self._to_host(sample(logits, params, layout.sample_positions, finite))
+                tok_d = sample(logits, params, layout.sample_positions, finite)
+                gathered = wanted.gather(tok_d) if wanted else None
+                tokens = self._to_host(tok_d)
                 accepted = [False] * len(tokens)
             else:
                 tok_d, acc_d = verify(logits, params, layout.sample_positions, layout.sample_drafts, finite)
+                gathered = wanted.gather(tok_d) if wanted else None
                 tokens, accepted = self._verified(tok_d, acc_d)
+            row_logprobs: dict[int, TokenLogprob] = {}
+            if wanted:
+                row_logprobs = dict(zip(asking, to_host([tokens[j] for j in asking], *gathered, wanted.top)))
             stopped: set[int] = set()  # sequences whose draft was rejected (or that failed): later rows are moot
-            for (i, _), tok, ok, draft in zip(layout.sample_rows, tokens, accepted, layout.sample_drafts):
+            for j, ((i, _), tok, ok, draft) in enumerate(zip(layout.sample_rows, tokens, accepted, layout.sample_drafts)):
                 if i in stopped:
                     continue
                 if i in guided_failed:  # its matcher failed: this sequence alone fails
@@ -302,14 +325,41 @@ class ModelRunner:
                     continue
                 if ok:  # an accepted draft token, then the next row
                     sampled[i].append(draft)
+                    if j in row_logprobs:
+                        sampled_logprobs[i].append(row_logprobs[j])
                     continue
                 stopped.add(i)
                 if tok < 0:
                     failures[i] = NON_FINITE
-                    sampled[i] = []
+                    sampled[i], sampled_logprobs[i] = [], []
                 else:
                     sampled[i].append(tok)
-        return StepResult(sampled, failures, layout.num_adapters)
+                    if j in row_logprobs:
+                        sampled_logprobs[i].append(row_logprobs[j])
+        prompt = {}
+        for i, row, first, end in layout.prompt_rows:
+            seq = scheduled[i].seq
+            rows = torch.arange(row, row + end - first, device=hidden.device)
+            prompt[i] = prompt_logprobs(lambda r: self.model.compute_logits(hidden[r]), rows, seq.token_ids(first + 1, end + 1),
+                                        seq.params.prompt_logprobs)  # fmt: skip
+        return StepResult(sampled, failures, layout.num_adapters, sampled_logprobs, prompt)
+
+    def _process(self, scheduled: list[ScheduledSeq], layout: StepLayout, params: list[SamplingParams], logits: torch.Tensor) -> torch.Tensor:
+        """The logits processors over the sample rows (server.engine.logits_processors). A row's output so far
+        is its sequence's output plus, in a speculative verify row, the draft tokens before it."""
+        if not any(p.processes_logits for p in params):
+            return logits
+        prompts: list[list[int]] = []
+        outputs: list[list[int]] = []
+        for (i, _), pos, p in zip(layout.sample_rows, layout.sample_positions, params):
+            item = scheduled[i]
+            if not p.processes_logits:
+                prompts.append([])
+                outputs.append([])
+                continue
+            prompts.append(item.seq.prompt_token_ids)
+            outputs.append(item.seq.output_token_ids + item.draft[: pos - item.seq.num_tokens])
+        return apply_processors(logits, params, prompts, outputs, self.eos_token_ids)
 
     def _verified(self, tokens: torch.Tensor, accepted: torch.Tensor) -> tuple[list[int], list[bool]]:
         """Tokens and acceptances in the step's one device->host transfer."""

@@ -8,6 +8,12 @@ tenants). A sequence admitted takes the blocks of its prompt's prefix that the p
 (server.engine.block_manager) and computes only the rest. When blocks run out, a running sequence is
 preempted — the newest, or under fair scheduling the newest of the tenant furthest ahead: its blocks
 are freed and it is recomputed later.
+
+Choices of one request (n > 1) share their prompt's computation: the first one (`prefill_parent` of the
+others) is admitted alone; the others wait until its prompt is computed, then take its full prompt blocks
+(reference-counted, as prefix-cache hits are) and compute only the prompt's last partial block.
+A request that asks for prompt logprobs reads nothing from the prefix cache: it needs the logits of
+every prompt position, so it computes them all (as vLLM's skip_reading_prefix_cache).
 """
 from __future__ import annotations
 
@@ -106,11 +112,18 @@ class Scheduler:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # Admitting while preempting would only thrash the cache.
-        blocked_by_adapter: list[Sequence] = []
+        blocked: list[Sequence] = []  # by their adapter, or waiting for a sibling's prompt: the requests behind them pass
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
-            identity = self.prefix_identity(seq) if seq.num_computed_tokens == 0 else None
+            identity = self.prefix_identity(seq) if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None else None
             hits = self.blocks.lookup(seq, identity) if identity is not None else []
+            if identity is not None and seq.prefill_parent is not None:
+                shared = self._sibling_blocks(seq)
+                if shared is None:
+                    blocked.append(self.waiting.pop())
+                    continue
+                if len(shared) > len(hits):
+                    hits = shared
             start = len(hits) * self.blocks.block_size if hits else seq.num_computed_tokens
             n = min(seq.num_tokens - start, budget)
             # Keep one free block per running sequence so the admitted batch can grow without thrashing.
@@ -126,7 +139,7 @@ class Scheduler:
                 continue
             if not placed:
                 # its adapter cannot be placed until others go idle: let the requests behind it pass
-                blocked_by_adapter.append(self.waiting.pop())
+                blocked.append(self.waiting.pop())
                 continue
             seq.holds_adapter = True
             if identity is not None:
@@ -140,9 +153,23 @@ class Scheduler:
             self._charge_prompt(seq, n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        for seq in reversed(blocked_by_adapter):
+        for seq in reversed(blocked):
             self.waiting.put_back(seq)
         return scheduled
+
+    def _sibling_blocks(self, seq: Sequence) -> list[int] | None:
+        """The blocks seq can take from its prefill parent: the parent's blocks that hold only prompt tokens
+        and are computed ([] when there is nothing to share or the parent is gone); None while the parent's
+        prompt is still to be computed (seq waits for it)."""
+        parent, bs = seq.prefill_parent, self.blocks.block_size
+        usable = (len(seq.prompt_token_ids) - 1) // bs  # at least one token is left to compute: its logits are sampled
+        if usable == 0 or parent.is_finished:
+            return []
+        # waits for the parent's whole prompt (not only the blocks it shares): the parent's first output, which
+        # carries its prompt logprobs for every choice (server.api.openai), then comes a step before the sibling's
+        if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < len(parent.prompt_token_ids):
+            return None
+        return parent.block_table[:usable]
 
     def _charge_prompt(self, seq: Sequence, n: int) -> None:
         """Tokens computed other than by decoding (a prompt, or a preempted sequence's recomputed outputs)

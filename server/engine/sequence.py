@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 # Below this a temperature only divides logits towards overflow; 0 asks for greedy decoding.
 MIN_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (vLLM's default --max-logprobs)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 
 
 class RequestFailed(Exception):
@@ -40,6 +42,18 @@ class SamplingParams:
     # Structured output (server.engine.guided): the grammar the output must follow. A small picklable spec,
     # compiled where the sequence runs (a Ray replica compiles its own), never the compiled grammar.
     guided: GuidedSpec | None = None
+    # Logits processing (server.engine.logits_processors), vLLM's semantics: penalties of output tokens
+    # (presence, frequency) and of prompt + output tokens (repetition), an additive bias per token id,
+    # and EOS / stop_token_ids masked until min_tokens tokens were generated.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids distinct
+    # Logprobs (server.engine.logprobs): None = none; k = the sampled token's and the k most likely
+    # tokens' logprobs. prompt_logprobs: the same for every prompt token (from the first one's successor on).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # The API validates requests at the edge; these are the engine's own invariants, so that no
@@ -54,10 +68,46 @@ class SamplingParams:
             raise ValueError("top_k must be -1 or 0 (disabled) or positive")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError("seed must fit in 64 bits")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must lie in [-2, 2]")
+        if not 1e-6 <= self.repetition_penalty <= 1e6:  # float32 logits stay finite (the API's bounds too)
+            raise ValueError("repetition_penalty must lie in [1e-6, 1e6]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must lie in [0, max_tokens]")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS} distinct token ids")
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must lie in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the row's logits need its token counts (server.engine.logits_processors)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor changes this row's logits (rows that do not cost nothing)."""
+        return self.penalized or self.min_tokens > 0 or bool(self.logit_bias)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One position's logprobs: the token there, its logprob, and the `top` most likely tokens with
+    theirs, most likely first (server.engine.logprobs says which distribution). Plain data: it crosses
+    to Ray Serve's ingress inside RequestOutput."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class SequenceStatus(enum.Enum):
@@ -103,6 +153,12 @@ class Sequence:
     # a Ray replica; the engine compiles it on add otherwise), and the sequence's own matcher, made on add.
     grammar: object | None = None
     guided: GrammarState | None = None
+    # Another choice of the same request and prompt (n > 1): this one is admitted once that one's prompt
+    # is computed and takes its full prompt blocks instead of computing them (Scheduler._sibling_blocks).
+    # In-process only: a Ray replica builds its sequences without it.
+    prefill_parent: Sequence | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (with params.prompt_logprobs)
     # The client reads outputs as they come (SSE); False: only the whole result is read, so a Ray replica
     # sends it in one piece instead of one message per token (server.ray_serve.batching).
     streamed: bool = True

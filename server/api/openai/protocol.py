@@ -8,12 +8,13 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 from adapters_store.user_state import MAX_USER_CHARS
 from server.adapters.stacking import MAX_ABS_WEIGHT, MAX_MEMBERS
 from server.validation import StrictModel, Text
-from server.engine.client import MIN_TEMPERATURE
+from server.engine.client import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TEMPERATURE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 16, 1024
 MAX_STOP_TOKEN_IDS = 256
 MAX_MESSAGES = 4096  # bounds the work of validating and rendering one conversation
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
 
 
 def _temperature(value: float) -> float:
@@ -119,7 +120,13 @@ class SamplingFields(StrictModel):
     user: Annotated[Text, Field(max_length=MAX_USER_CHARS)] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    # extensions (vLLM): a multiplicative penalty of prompt and output tokens (1 = off; bounded so that
+    # float32 logits stay finite), and EOS / stop_token_ids kept out until min_tokens were generated
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)  # at most max_tokens: checked when the request is served
+    # token id (as a string, JSON's keys are) -> bias; ids past the vocabulary are refused when served
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None  # fmt: skip
     # extension (LoRAX-style merged adapters): `model` is then the base model's name
     # (named adapter_members in Python: `adapters` is the engine's, which the API never touches: tests/test_api_seam.py)
     adapter_members: Annotated[list[AdapterMember], Field(min_length=1, max_length=MAX_MEMBERS)] | None = Field(None, alias="adapters")
@@ -135,6 +142,7 @@ class SamplingFields(StrictModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI's limit is 5, vLLM's (--max-logprobs) 20
     echo: bool = False
     suffix: Text | None = None
 
@@ -165,7 +173,8 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: checked when the request is served
     tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

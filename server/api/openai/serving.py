@@ -27,6 +27,7 @@ from server.api.errors import APIError, error_body, to_api_error
 from server.api.limits import RequestLimits
 from server.api.openai.lora_adapters import LORA_PATH_KEY
 from server.api.openai.merging import resolve_merged
+from server.api.openai.logprobs import ResponseLogprobs
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from server.api.openai.structured import guided_spec
 from server.api.openai.tools import ToolPlan, plan_tools, template_message
@@ -119,10 +120,8 @@ class OpenAIServing:
 
     # -- request -> sequences --------------------------------------------------------------
     def _check_supported(self, req: SamplingFields) -> None:
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported yet", param="logprobs")
-        if req.presence_penalty or req.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported yet", param="presence_penalty")
+        if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if req.n > self.limits.max_n:
@@ -130,6 +129,18 @@ class OpenAIServing:
         vocab = self.engine_limits.vocab_size
         if any(t >= vocab for t in req.stop_token_ids or ()):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
+        self._logit_bias(req)
+
+    def _logit_bias(self, req: SamplingFields) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs: ids within the vocabulary, each named once ("7" and "07" are one id)."""
+        vocab = self.engine_limits.vocab_size
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            token = int(key)  # the schema allows digits only
+            if token >= vocab or token in bias:
+                raise APIError(400, f"logit_bias keys must be distinct token ids in [0, {vocab}): {key!r} is not", param="logit_bias")
+            bias[token] = value
+        return tuple(bias.items())
 
     @staticmethod
     def _chat_guided(req: ChatCompletionRequest, tools: ToolPlan | None):
@@ -177,6 +188,7 @@ class OpenAIServing:
             raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server runs at most {limits.max_num_seqs} at once",
                            param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
         context = limits.max_model_len
+        bias = self._logit_bias(req)
         # All of a request's sequences may run at once, so together they must fit the KV cache.
         share = limits.kv_cache_tokens // count
         seqs = []
@@ -193,8 +205,15 @@ class OpenAIServing:
                     f"tokens ({len(ids)} in the prompt, {wanted} for the completion). Reduce the prompt or max_tokens.",
                     param="max_tokens", code="context_length_exceeded",
                 )
-            seqs += [Sequence(ids, self._params(req, wanted, j), adapter, adapter_weights=weights, tenant=lease.tenant,
-                              tenant_weight=lease.weight, prefix_identity=identity, streamed=req.stream) for j in range(req.n)]
+            if req.min_tokens > wanted:
+                raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({wanted})", param="min_tokens")
+            # the prompt's first choice computes it; the others wait for it and share its KV blocks (server.engine.scheduler)
+            first = None
+            for j in range(req.n):
+                seq = Sequence(ids, self._params(req, wanted, j, bias), adapter, adapter_weights=weights, tenant=lease.tenant,
+                               tenant_weight=lease.weight, prefix_identity=identity, prefill_parent=first, streamed=req.stream)  # fmt: skip
+                first = first or seq
+                seqs.append(seq)
         claimed = sum(s.num_tokens + s.params.max_tokens for s in seqs)
         if claimed > limits.kv_cache_tokens:
             raise APIError(400, f"this request could claim {claimed} tokens of KV cache (prompt + max_tokens for each of its {count} "
@@ -202,12 +221,24 @@ class OpenAIServing:
         return seqs
 
     @staticmethod
-    def _params(req: SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
+    def _logprobs(req: SamplingFields) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        if isinstance(req, ChatCompletionRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs
+
+    @classmethod
+    def _params(cls, req: SamplingFields, max_tokens: int, choice: int, logit_bias: tuple = ()) -> SamplingParams:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        k = cls._logprobs(req)
+        # an echoed prompt's logprobs: computed by each prompt's first choice only (ResponseLogprobs shares them)
+        echo_k = k if choice % req.n == 0 and isinstance(req, CompletionRequest) and req.echo else None
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
             seed=None if req.seed is None else req.seed + choice, stop=stop,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens, logit_bias=logit_bias, logprobs=k, prompt_logprobs=echo_k,
         )
 
     async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -262,8 +293,8 @@ class OpenAIServing:
         lease = await self.admit(raw)
         try:
             self._check_supported(req)
-            if req.echo or req.suffix:
-                raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+            if req.suffix:
+                raise APIError(400, "suffix is not supported", param="suffix")
             spec = guided_spec(req)
             prompts = await self._completion_prompts(req)
             self.charge_prompt(lease, sum(len(ids) for ids in prompts))
@@ -272,7 +303,8 @@ class OpenAIServing:
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
             seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
             self._guide(seqs, spec, grammar)
-            return await self._run("completions", req, seqs, raw, lease, chat=False)
+            echo = [p if isinstance(p, str) else self.engine.detokenize(ids) for p, ids in zip(self._prompt_list(req), prompts)] if req.echo else None
+            return await self._run("completions", req, seqs, raw, lease, chat=False, render=self._render(req, False, prompts, echo))
         except BaseException:
             lease.release()
             raise
@@ -291,13 +323,25 @@ class OpenAIServing:
             self._guide(seqs, spec, grammar)
             if tools is not None and tools.mode == "none":
                 tools = None  # rendered for the model to see, never parsed
-            return await self._run("chat", req, seqs, raw, lease, chat=True, tools=tools)
+            return await self._run("chat", req, seqs, raw, lease, chat=True, render=self._render(req, True, [ids], None), tools=tools)
         except BaseException:
             lease.release()
             raise
 
+    @staticmethod
+    def _prompt_list(req: CompletionRequest) -> list:
+        """The request's prompts as given (a text or token ids each), in order."""
+        p = req.prompt
+        return [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
+
+    def _render(self, req: SamplingFields, chat: bool, prompts: list[list[int]], echo: list[str] | None) -> ResponseLogprobs | None:
+        k = self._logprobs(req)
+        if k is None and echo is None:
+            return None
+        return ResponseLogprobs(self.engine.token_strings, chat, k, req.n, prompts, echo)
+
     async def _run(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool,
-                   tools: ToolPlan | None = None):  # fmt: skip
+                   render: ResponseLogprobs | None = None, tools: ToolPlan | None = None):  # fmt: skip
         """The response, or for a stream its chunks; the request's lease is released when either ends."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         for s in seqs:
@@ -306,18 +350,19 @@ class OpenAIServing:
         prompt_tokens = sum(len(s.prompt_token_ids) for s in seqs[:: req.n])  # each prompt counts once, whatever n
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease, tools)
+            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease, render, tools)
             # The stream's own `finally` releases the lease; a stream never started (the client left
             # before the first chunk) never runs it, so its collection does.
             weakref.finalize(stream, lease.release)
             return stream
         try:
-            return await self._respond(endpoint, req, seqs, raw, lease, chat, rid, created, prompt_tokens, tools)
+            return await self._respond(endpoint, req, seqs, raw, lease, chat, rid, created, prompt_tokens, render, tools)
         finally:
             lease.release()
 
     async def _respond(self, endpoint: str, req: SamplingFields, seqs: list[Sequence], raw: Request, lease: Lease, chat: bool,
-                       rid: str, created: int, prompt_tokens: int, tools: ToolPlan | None = None) -> dict:  # fmt: skip
+                       rid: str, created: int, prompt_tokens: int, render: ResponseLogprobs | None = None,
+                       tools: ToolPlan | None = None) -> dict:  # fmt: skip
         task = asyncio.ensure_future(self._collect(endpoint, seqs, lease))
         # A client that hangs up gets its sequences aborted (and their KV blocks freed) right away.
         while not task.done():
@@ -330,25 +375,35 @@ class OpenAIServing:
         except RequestFailed as e:
             raise to_api_error(e) from None
         choices = []
-        for i, (text, reason, _) in enumerate(results):
+        if render is not None:
+            for i, r in enumerate(results):
+                render.note_prompt(i, r[5])
+        for i, (text, reason, _, token_ids, logprobs, _) in enumerate(results):
+            logprobs = render.logprobs(i, token_ids, logprobs, first=True) if render is not None else None
             if chat:
                 message, called = tools.message(text) if tools is not None else ({"role": "assistant", "content": text}, False)
                 reason = tools.finish_reason(reason, called) if tools is not None else reason
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+                choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
-        completion_tokens = sum(n for _, _, n in results)
+                text = render.prefix(i) + text if render is not None else text
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
+        completion_tokens = sum(r[2] for r in results)
         return {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": req.model,
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
         }
 
-    async def _collect(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> list[tuple[str, str | None, int]]:
-        results: list[list] = [["", None, 0] for _ in seqs]
+    async def _collect(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> list[tuple]:
+        """Per sequence: (text, finish reason, output tokens, token ids, their logprobs, the prompt's logprobs)."""
+        results: list[list] = [["", None, 0, [], [], None] for _ in seqs]
         async for i, out in self._merged(endpoint, seqs, lease):
             results[i][0] += out.text
             results[i][1], results[i][2] = out.finish_reason, out.num_output_tokens
+            results[i][3] += out.token_ids
+            results[i][4] += out.logprobs or []
+            if out.prompt_logprobs is not None:
+                results[i][5] = out.prompt_logprobs
         return [tuple(r) for r in results]
 
     async def _merged(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -416,7 +471,7 @@ class OpenAIServing:
                 m.prefix_hits.labels(tenant).inc(seq.num_cached_tokens)
 
     async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None, lease: Lease,
-                      tools: ToolPlan | None = None) -> AsyncIterator[str]:  # fmt: skip
+                      render: ResponseLogprobs | None = None, tools: ToolPlan | None = None) -> AsyncIterator[str]:  # fmt: skip
         """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks.
         The lease is released when generation ends, however it ends (finished, failed, the client gone)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -429,26 +484,36 @@ class OpenAIServing:
 
         completion_tokens = [0] * len(seqs)
         streamers = [tools.streamer() for _ in seqs] if tools is not None else None  # each choice's text -> tool call deltas
+        started = [False] * len(seqs)  # a choice's first chunk carries its echoed prompt
+        chars = [0] * len(seqs)  # text sent so far per choice: where the next chunk's text_offset starts
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(seqs))])
             async for i, out in self._merged(endpoint, seqs, lease):
                 completion_tokens[i] = out.num_output_tokens
-                if not out.text and not out.finished:
+                # a token with no text yet (part of a character, or held back by a stop string) still has its logprobs
+                if not out.text and not out.finished and not (render is not None and render.k is not None and out.token_ids):
                     continue
                 reason = out.finish_reason if out.finished else None
+                logprobs = None
+                if render is not None:
+                    render.note_prompt(i, out.prompt_logprobs)
+                    logprobs = render.logprobs(i, out.token_ids, out.logprobs, first=not started[i], text_offset=chars[i])
                 if chat and streamers is not None:
                     deltas = streamers[i].feed(out.text, out.finished) or [{}]
                     if out.finished:
                         reason = tools.finish_reason(reason, streamers[i].called)
                     for delta in deltas[:-1]:
                         yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
-                    yield chunk([{"index": i, "delta": deltas[-1], "logprobs": None, "finish_reason": reason}])
+                    yield chunk([{"index": i, "delta": deltas[-1], "logprobs": logprobs, "finish_reason": reason}])
                 elif chat:
                     delta = {"content": out.text} if out.text else {}
-                    yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
+                    yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
                 else:
-                    yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": reason}])
+                    text = out.text if started[i] or render is None else render.prefix(i) + out.text
+                    chars[i] += len(text)
+                    yield chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}])
+                started[i] = True
         except RequestFailed as e:  # the status line is long gone: tell the client in-band, as vLLM does
             error = to_api_error(e)
             yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
