@@ -181,6 +181,26 @@ def test_upload_new_version_and_delete_through_the_ingress_reach_every_replica(c
     assert greedy(acme, "versioned")[0] == local_text(engine, "r8-all")
 
 
+def test_merged_adapters_are_built_on_a_replica_and_dropped_with_a_member(cluster, adapter_dirs):
+    cluster.upload("acme", "merge-a", adapter_dirs["r8-all"])
+    cluster.upload("acme", "merge-b", adapter_dirs["r4-qv"])
+    acme = cluster.client("acme")
+
+    def merged(members):
+        raw = acme.completions.with_raw_response.create(model="smollm2", prompt=PROMPT, max_tokens=12, temperature=0,
+                                                        extra_body={"adapters": members})  # fmt: skip
+        return raw.parse().choices[0].text, raw.headers.get(REPLICA_HEADER)
+
+    a, b = {"model": "merge-a", "weight": 0.7}, {"model": "merge-b", "weight": 0.3}
+    text, replica = merged([a, b])
+    assert text and replica in cluster.ready_replicas()
+    assert merged([b, a])[0] == text  # one canonical stack, whichever replica builds it (exactness: tests/test_multi_adapter.py)
+    assert cluster.admin.delete("/admin/v1/adapters/acme/merge-b").status_code == 200
+    with pytest.raises(openai.NotFoundError) as gone:
+        merged([a, b])
+    assert gone.value.body["param"] == "adapters.1.model"
+
+
 def test_a_client_that_hangs_up_frees_its_sequence_on_the_replica(cluster):
     body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
     running = lambda: sum(r["running"] for r in cluster.ready_replicas().values())  # noqa: E731

@@ -29,10 +29,11 @@ from prometheus_client import Gauge
 from adapters_store import AdapterManifest
 from server.adapters.service import AdapterService, device_key
 from server.engine.client import AdapterSummary, EngineClient, RequestFailed, RequestOutput, Sequence, TextOps
-from server.errors import InvalidRequest, NotPinnable
+from server.adapters.stacking import check_member_family
+from server.errors import NotPinnable
 from server.metrics import Metrics
 from server.ray_serve.board import STALE_AFTER_S
-from server.ray_serve.wire import Failed, GenerateSpec, Progress, RemoteAdapter, Started
+from server.ray_serve.wire import Failed, GenerateSpec, Progress, RemoteAdapter, RemoteStack, Started
 
 log = logging.getLogger("hotswap.ray")
 
@@ -277,10 +278,12 @@ class RemoteAdapterService(AdapterService):
     async def check_user_state(self, m: AdapterManifest, state: dict) -> None:
         await self.client.check_user_state(m, state)
 
-    async def for_stack(self, members, user: str | None, max_rank: int):
-        """Multi-adapter requests (server.adapters.stacking) are not routed to replicas yet: a clear 400."""
-        raise InvalidRequest("several adapters in one request (`adapters`) are not served under Ray Serve yet: "
-                             "use one adapter per request, or a single-process server", param="adapters", code="not_supported_here")  # fmt: skip
+    async def for_stack(self, members, user: str | None, max_rank: int) -> tuple[str, RemoteStack, str]:
+        """Several adapters merged (server.adapters.stacking): the families are checked here, the replica
+        builds the stack (and finds a rank overflow) from the manifests the request carries."""
+        for i, member in enumerate(members):
+            check_member_family(member, i)
+        return "stack", RemoteStack(tuple(members), user), ""  # the replica computes the key and prefix identity
 
 
 class _ReplicaGauges:
@@ -313,6 +316,8 @@ def _spec(seq: Sequence) -> GenerateSpec:
                   tenant_weight=seq.tenant_weight, streamed=seq.streamed)  # fmt: skip
     if isinstance(remote, RemoteAdapter):
         return GenerateSpec(**common, manifest=remote.manifest, user=remote.user)
+    if isinstance(remote, RemoteStack):
+        return GenerateSpec(**common, members=remote.members, user=remote.user)
     return GenerateSpec(**common, adapter=seq.adapter, prefix_identity=seq.prefix_identity)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from adapters_store import AdapterManifest, RegistryError
 from server.adapters.service import build_adapter_service, device_key
+from server.adapters.stacking import drop_stacks
 from server.config import EngineConfig
 from server.engine.client import EngineClient, RequestFailed, Sequence
 from server.engine.llm_engine import LLMEngine
@@ -158,6 +159,10 @@ class EngineReplica:
             await self._adapter(adapter_id)  # affinity: Serve now routes this id here first
             await self._refresh(m)
             adapter, weights, identity = await self.service.for_request(m, spec.user)
+        elif spec.members:  # several adapters merged: built here from the versions the ingress resolved
+            for member in spec.members:
+                await self._refresh(member.manifest)
+            adapter, weights, identity = await self.service.for_stack(list(spec.members), spec.user, self.client.limits.max_lora_rank)
         seq = Sequence(list(spec.prompt_token_ids), spec.params, adapter, adapter_weights=weights, request_id=spec.request_id,
                        tenant=spec.tenant, tenant_weight=spec.tenant_weight, prefix_identity=identity)  # fmt: skip
         if spec.params.guided is not None:  # structured output: compiled here, off the engine thread (never pickled)
@@ -227,6 +232,7 @@ class EngineReplica:
     async def _apply(self, reply: dict) -> None:
         for prefix in reply["evictions"]:  # server.adapters.service.keys_prefix: every version and user copy
             self.service.host.drop_matching(prefix)
+            await drop_stacks(self.service, self.client, prefix)  # and every merge made with it
             for key in {k for k in (*self._content, *self.engine.adapters.resident) if k.startswith(prefix)}:
                 await self._forget(key)
         pins: dict[str, AdapterManifest] = reply["pins"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters_store import AdapterManifest
+from server.adapters.stacking import Member
 from server.engine.async_engine import RequestOutput
 from server.engine.sequence import RequestFailed, SamplingParams
 
@@ -35,6 +36,15 @@ class RemoteAdapter:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteStack:
+    """A request's several adapters to merge (server.adapters.stacking), as the ingress resolved them: the
+    replica builds the stacked LoRA from exactly these versions."""
+
+    members: tuple[Member, ...]
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateSpec:
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -44,6 +54,8 @@ class GenerateSpec:
     # a registry adapter (the replica resolves weights, engine key and prefix identity itself) ...
     manifest: AdapterManifest | None = None
     user: str | None = None
+    # ... or several registry adapters merged into one (the replica builds it; routed by load, not affinity) ...
+    members: tuple[Member, ...] = ()
     # ... or the base model (None) / a static --adapter by name, with the ingress's prefix identity
     adapter: str | None = None
     prefix_identity: str | None = None
