@@ -93,3 +93,10 @@ def test_a_huge_or_deep_schema_is_refused_before_compiling(client):
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=4,
                                        response_format={"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}})  # fmt: skip
     assert "levels deep" in e.value.message
+
+
+def test_tools_for_a_model_whose_template_ignores_them_are_a_400(client):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as e:  # SmolLM2-135M-Instruct's template has no `tools`
+        client.chat.completions.create(model="smollm2", messages=ASK, tools=[tool], max_tokens=4)
+    assert "does not render tools" in e.value.message and e.value.body["param"] == "tools"
