@@ -78,6 +78,9 @@ def test_a_schema_that_cannot_compile_is_a_400_with_the_reason(client):
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=4, response_format={"type": "json_object"},
                                        extra_body={"guided_regex": "a+"})  # fmt: skip
     assert "one output constraint" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # min_tokens would hold end-of-text back past a complete structure
+        client.completions.create(model="smollm2", prompt="Answer:", max_tokens=8, extra_body={"guided_choice": ["yes"], "min_tokens": 4})
+    assert e.value.body["param"] == "min_tokens"
 
 
 def test_a_huge_or_deep_schema_is_refused_before_compiling(client):

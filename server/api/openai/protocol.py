@@ -193,6 +193,7 @@ class ModelCard(BaseModel):
     owned_by: str = "hotswap"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None  # vLLM's extension, on the base model's card: its context length
 
 
 class ModelList(BaseModel):

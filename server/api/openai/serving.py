@@ -11,6 +11,7 @@ inputs are tokenized on a worker thread so that the event loop keeps answering e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from fastapi import Request
 
 from adapters_store.tenants import DEFAULT_SETTINGS
 from server.adapters.service import RUNTIME_TENANT, AdapterService
+from server import __version__
 from server.api.errors import APIError, error_body, to_api_error
 from server.api.limits import RequestLimits
 from server.api.openai.lora_adapters import LORA_PATH_KEY
@@ -49,6 +51,8 @@ class OpenAIServing:
         self.limits = limits
         self.quotas = quotas or TenantQuotas()
         self.created = int(time.time())
+        # OpenAI's system_fingerprint: which build and which base weights answered (vLLM: "vllm-<version>-<hash>")
+        self.system_fingerprint = f"hotswap-{__version__}-{hashlib.sha256(engine.base_fingerprint.encode()).hexdigest()[:8]}"
         self.engine_limits = engine.limits
         context = engine.limits.max_model_len - 1  # at least one token must be left to generate
         self.max_prompt_tokens = min(limits.max_prompt_tokens or context, context)
@@ -58,7 +62,8 @@ class OpenAIServing:
         principal = self.principal(raw)
         base = self.engine.model_name
         # where the weights live on disk is the operator's business, not a tenant's
-        cards = [ModelCard(id=base, created=self.created, root=str(self.engine.model_dir) if principal.admin else base)]
+        context = self.engine_limits.max_model_len
+        cards = [ModelCard(id=base, created=self.created, root=str(self.engine.model_dir) if principal.admin else base, max_model_len=context)]
         cards += [ModelCard(id=name, created=self.created, root=name, parent=base) for name in sorted(self.engine.static_adapters)]
         service = self.adapter_service
         if service is not None:  # a store outage is a 503 that names no store (server.api.errors)
@@ -153,8 +158,12 @@ class OpenAIServing:
             spec = tools.guided
         return spec
 
-    async def _compile(self, spec):
+    async def _compile(self, spec, req: SamplingFields):
         """The spec's grammar, compiled off the event loop (GuidedError, a 400 with the reason, if it cannot be)."""
+        if spec is not None and req.min_tokens:
+            # min_tokens holds end-of-text back, but a grammar may be complete sooner: then no token is left to sample
+            raise APIError(400, "min_tokens cannot be combined with structured output: a complete structure may end sooner",
+                           param="min_tokens")  # fmt: skip
         return None if spec is None else await self.engine.compile_guided(spec)
 
     @staticmethod
@@ -298,7 +307,7 @@ class OpenAIServing:
             spec = guided_spec(req)
             prompts = await self._completion_prompts(req)
             self.charge_prompt(lease, sum(len(ids) for ids in prompts))
-            grammar = await self._compile(spec)
+            grammar = await self._compile(spec, req)
             adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # the legacy endpoint's default
             seqs = self._sequences(req, prompts, max_tokens, adapter, weights, identity, lease)
@@ -317,7 +326,7 @@ class OpenAIServing:
             spec = self._chat_guided(req, tools)
             ids = await self._chat_prompt(req, tools)
             self.charge_prompt(lease, len(ids))
-            grammar = await self._compile(spec)
+            grammar = await self._compile(spec, req)
             adapter, weights, identity = await self.resolve_adapter(req.model, raw, req.user, req.adapter_members, req.merge_strategy)
             seqs = self._sequences(req, [ids], req.max_completion_tokens or req.max_tokens, adapter, weights, identity, lease)
             self._guide(seqs, spec, grammar)
@@ -350,7 +359,8 @@ class OpenAIServing:
         prompt_tokens = sum(len(s.prompt_token_ids) for s in seqs[:: req.n])  # each prompt counts once, whatever n
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease, render, tools)
+            stream = self._stream(endpoint, rid, created, req.model, seqs, chat, prompt_tokens if include_usage else None, lease, render, tools,
+                                  req.n)  # fmt: skip
             # The stream's own `finally` releases the lease; a stream never started (the client left
             # before the first chunk) never runs it, so its collection does.
             weakref.finalize(stream, lease.release)
@@ -382,6 +392,7 @@ class OpenAIServing:
             logprobs = render.logprobs(i, token_ids, logprobs, first=True) if render is not None else None
             if chat:
                 message, called = tools.message(text) if tools is not None else ({"role": "assistant", "content": text}, False)
+                message |= {"refusal": None, "annotations": None, "audio": None, "function_call": None}  # OpenAI's message fields
                 reason = tools.finish_reason(reason, called) if tools is not None else reason
                 choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
@@ -390,8 +401,8 @@ class OpenAIServing:
         completion_tokens = sum(r[2] for r in results)
         return {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": req.model,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+            "choices": choices, "service_tier": None, "system_fingerprint": self.system_fingerprint,
+            "usage": _usage(prompt_tokens, completion_tokens, seqs, req.n, chat),
         }
 
     async def _collect(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> list[tuple]:
@@ -471,13 +482,13 @@ class OpenAIServing:
                 m.prefix_hits.labels(tenant).inc(seq.num_cached_tokens)
 
     async def _stream(self, endpoint, rid, created, model, seqs, chat: bool, usage_prompt_tokens: int | None, lease: Lease,
-                      render: ResponseLogprobs | None = None, tools: ToolPlan | None = None) -> AsyncIterator[str]:  # fmt: skip
+                      render: ResponseLogprobs | None = None, tools: ToolPlan | None = None, n: int = 1) -> AsyncIterator[str]:  # fmt: skip
         """SSE chunks; with usage_prompt_tokens set, a final usage chunk as stream_options.include_usage asks.
         The lease is released when generation ends, however it ends (finished, failed, the client gone)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list, usage: dict | None = None) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            body = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": self.system_fingerprint, "choices": choices}
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
@@ -523,8 +534,17 @@ class OpenAIServing:
             lease.release()
         if usage_prompt_tokens is not None:
             total = sum(completion_tokens)
-            yield chunk([], {"prompt_tokens": usage_prompt_tokens, "completion_tokens": total, "total_tokens": usage_prompt_tokens + total})
+            yield chunk([], _usage(usage_prompt_tokens, total, seqs, n, chat))
         yield "data: [DONE]\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, seqs: list[Sequence], n: int, chat: bool) -> dict:
+    """OpenAI's usage, with the prompt tokens the prefix cache supplied (each prompt once, whatever n); chat
+    usage also carries completion_tokens_details (null: no reasoning or audio tokens), as OpenAI's and vLLM's."""
+    cached = sum(s.num_cached_tokens for s in seqs[::n])
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+    return usage | {"completion_tokens_details": None} if chat else usage
 
 
 def _epoch(iso: str) -> int:
