@@ -7,6 +7,7 @@
 #   make llama-cpp          build the bench's llama.cpp peer (llama-server from the llama-cpp-python sdist) into .llama-cpp, once
 #   make soak ARGS="..."    10-minute soak of one server (loadtests/soak.py; --duration 60 for a smoke run)
 #   make bench-quant        none/int8/int4 base: tokens/s, memory, perplexity (loadtests/bench_quant.py)
+#   make conformance        API responses compared field by field with vLLM CPU's (loadtests/conformance.py)
 #   make gpu-check ARGS="..."  on a CUDA machine: GPU tests, kernel benchmarks, hotswap vs vLLM -> gpu-report.md (loadtests/gpu_check.py)
 # Older micro-benchmarks, run directly:
 #   $(PY) -m loadtests.bench_adapters   engine level: many adapters vs base only
@@ -30,7 +31,7 @@ FUZZ_EXAMPLES ?= 500
 VLLM_VENV := .venv-vllm
 LLAMA_CPP_DIR := .llama-cpp
 
-.PHONY: install model serve test test-slow fuzz bench bench-install bench-quant vllm llama-cpp soak clean
+.PHONY: install model serve test test-slow fuzz bench bench-install bench-quant conformance vllm llama-cpp soak clean
 
 install: $(VENV)/.installed
 
@@ -87,6 +88,10 @@ bench: bench-install model vllm llama-cpp
 
 soak: bench-install model
 	$(PY) -m loadtests.soak $(ARGS)
+
+# API conformance against the vLLM CPU server (loadtests/conformance.py; report in var/conformance/report.md)
+conformance: bench-install model
+	$(PY) -m loadtests.conformance $(ARGS)
 
 bench-quant: bench-install model
 	$(PY) -m loadtests.bench_quant --plot docs/img/quantization.png $(ARGS)

@@ -402,7 +402,7 @@ class OpenAIServing:
         return {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": req.model,
             "choices": choices, "service_tier": None, "system_fingerprint": self.system_fingerprint,
-            "usage": _usage(prompt_tokens, completion_tokens, seqs, req.n, chat),
+            "usage": _usage(prompt_tokens, completion_tokens, seqs, req.n, details=True),
         }
 
     async def _collect(self, endpoint: str, seqs: list[Sequence], lease: Lease) -> list[tuple]:
@@ -534,17 +534,18 @@ class OpenAIServing:
             lease.release()
         if usage_prompt_tokens is not None:
             total = sum(completion_tokens)
-            yield chunk([], _usage(usage_prompt_tokens, total, seqs, n, chat))
+            yield chunk([], _usage(usage_prompt_tokens, total, seqs, n, details=False))
         yield "data: [DONE]\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, seqs: list[Sequence], n: int, chat: bool) -> dict:
-    """OpenAI's usage, with the prompt tokens the prefix cache supplied (each prompt once, whatever n); chat
-    usage also carries completion_tokens_details (null: no reasoning or audio tokens), as OpenAI's and vLLM's."""
+def _usage(prompt_tokens: int, completion_tokens: int, seqs: list[Sequence], n: int, details: bool) -> dict:
+    """OpenAI's usage, with the prompt tokens the prefix cache supplied (each prompt once, whatever n); a whole
+    response's also carries completion_tokens_details (null: no reasoning or audio tokens), a stream's last
+    chunk does not (as vLLM's)."""
     cached = sum(s.num_cached_tokens for s in seqs[::n])
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
              "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
-    return usage | {"completion_tokens_details": None} if chat else usage
+    return usage | {"completion_tokens_details": None} if details else usage
 
 
 def _epoch(iso: str) -> int:
