@@ -9,6 +9,7 @@ never loaded). The engine calls get() at start-up, so no request pays for the bu
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -45,8 +46,17 @@ def _build():
     build = _cache_dir() / key
     build.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cpp_extension.load(name=f"hotswap_lora_cpu_{key}", sources=[str(SOURCE)], build_directory=str(build),
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    # torch's own build lock is a file that a killed build leaves behind, and every later load then waits on
+    # it for ever. Builds here are serialised by an flock instead, which the kernel drops with its process:
+    # holding it, any torch lock file present is such a leftover.
+    with open(build / "hotswap.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("removing a build lock left by an interrupted build of the C++ LoRA op (%s)", stale)
+            stale.unlink(missing_ok=True)
+        cpp_extension.load(name=f"hotswap_lora_cpu_{key}", sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     log.info("C++ LoRA op for the CPU ready in %.1f s (%s)", time.perf_counter() - t0, build)
     op = torch.ops.hotswap.lora_segments
 
