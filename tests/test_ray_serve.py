@@ -121,6 +121,10 @@ def test_completion_chat_and_stream_through_the_ingress_equal_an_in_process_engi
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content and streamed
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # structured output crosses as a spec the replica compiles; logprobs come back with the tokens
+    guided = admin.completions.create(model="smollm2", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                      extra_body={"guided_choice": ["Paris", "Lyon"]})  # fmt: skip
+    assert guided.choices[0].text in ("Paris", "Lyon") and len(guided.choices[0].logprobs.tokens) >= 1
     with httpx.stream("POST", cluster.base_url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"},
                       json={"model": "smollm2", "prompt": PROMPT, "max_tokens": 4, "stream": True}) as r:  # fmt: skip
         assert r.status_code == 200 and r.headers[REPLICA_HEADER] in cluster.ready_replicas()
