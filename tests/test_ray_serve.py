@@ -286,6 +286,19 @@ def test_the_application_builder_takes_the_serve_flags(cluster, model_dir, tmp_p
         app_builder({"store": "memory://"})
 
 
+def test_routing_stream_and_queue_flags_reach_the_deployment_settings(model_dir, tmp_path):
+    from server.cli import build_parser, engine_config, request_limits
+    from server.ray_serve.cli import ray_settings
+
+    args = build_parser().parse_args(["serve", "--ray", "--model", str(model_dir), "--store", str(tmp_path), "--ray-routing", "random",
+                                      "--ray-stream-interval-ms", "20", "--max-ongoing-requests", "8"])  # fmt: skip
+    replica, ingress, scale = ray_settings(args, engine_config(args), model_dir, request_limits(args), {"CPU": 2.0})
+    assert (ingress.affinity, replica.stream_interval_s, scale.max_ongoing_requests) == (False, 0.02, 8)
+    args = build_parser().parse_args(["serve", "--ray", "--model", str(model_dir), "--store", str(tmp_path)])
+    replica, ingress, scale = ray_settings(args, engine_config(args), model_dir, request_limits(args), {"CPU": 2.0})
+    assert (ingress.affinity, replica.stream_interval_s, scale.max_ongoing_requests) == (True, 0.05, None)
+
+
 # -- the ingress's client on its own, with a stand-in for the DeploymentHandle: retries are decided here ---------
 class _Stream:
     """One call's response stream: its items, or an exception raised after `fail_after` of them."""
@@ -434,6 +447,7 @@ def test_without_ray_flag_nothing_imports_ray():
     (["--ray", "--store", "memory://"], "every replica must open the same store"),
     (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is above --max-replicas 2"),
     (["--ray-routing", "random"], "--ray-routing applies to serving on Ray Serve: add --ray"),
+    (["--max-ongoing-requests", "8"], "--max-ongoing-requests applies to serving on Ray Serve: add --ray"),
     (["--ray", "--ray-stream-interval-ms", "-1"], "--ray-stream-interval-ms must be 0 or more"),
 ])
 def test_ray_flags_are_checked_in_one_line_before_anything_starts(argv, message, capsys):

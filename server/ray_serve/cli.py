@@ -30,6 +30,9 @@ def add_ray_arguments(serve: argparse.ArgumentParser) -> None:
     ray.add_argument("--max-adapters-per-replica", type=_positive_int, default=None,
                      help="Ray Serve's max_num_models_per_replica: adapters routed to one replica by affinity (without it: "
                           "what --adapter-memory-bytes holds of rank-16 LoRAs)")
+    ray.add_argument("--max-ongoing-requests", type=_positive_int, default=None,
+                     help="requests one engine replica takes at once (Serve's max_ongoing_requests; default: twice "
+                          "--max-num-seqs); lower, an adapter's requests overflow to other replicas sooner")
     ray.add_argument("--ray-routing", choices=("affinity", "random"), default=None,
                      help="affinity (default): a registry adapter's requests go to a replica that holds it (Serve's model "
                           "multiplexing); random: to the less loaded of two replicas, whatever they hold (a baseline)")
@@ -52,7 +55,7 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
 
     given = [flag for flag, value in (("--ray-address", args.ray_address), ("--min-replicas", args.min_replicas),
                                       ("--max-replicas", args.max_replicas), ("--target-ongoing-requests", args.target_ongoing_requests),
-                                      ("--max-adapters-per-replica", args.max_adapters_per_replica), ("--ray-routing", args.ray_routing),
+                                      ("--max-adapters-per-replica", args.max_adapters_per_replica), ("--ray-routing", args.ray_routing), ("--max-ongoing-requests", args.max_ongoing_requests),
                                       ("--ray-stream-interval-ms", args.ray_stream_interval_ms)) if value is not None]  # fmt: skip
     if not args.ray:
         if given or args.replicas != 1:
@@ -128,7 +131,8 @@ def ray_settings(args: argparse.Namespace, engine_config, model_dir: Path, limit
                               affinity=args.ray_routing != "random")  # fmt: skip
     scale = ScaleOut(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                      target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus, gpus=gpus,
-                     max_adapters=args.max_adapters_per_replica, graceful_shutdown_s=args.drain_seconds)  # fmt: skip
+                     max_adapters=args.max_adapters_per_replica, graceful_shutdown_s=args.drain_seconds,
+                     max_ongoing_requests=args.max_ongoing_requests)  # fmt: skip
     return replica, ingress, scale
 
 
