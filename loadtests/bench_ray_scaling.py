@@ -61,7 +61,9 @@ def adapter_bytes(model_dir: Path) -> int:
 async def build_store(store: Path, model_dir: Path, count: int) -> tuple[str, list[str]]:
     """A registry with one tenant and `count` adapters (reused if already built); (its API key, adapter names)."""
     from adapters_store import Registry, open_store
+    from server.engine.llm_engine import base_fingerprint
     from server.models.config import ModelConfig
+    from server.models.embedded import EMBEDDED_MODEL_NAME
 
     done = store / "bench-key.json"
     if done.is_file():
@@ -70,9 +72,7 @@ async def build_store(store: Path, model_dir: Path, count: int) -> tuple[str, li
             return saved["key"], saved["names"]
     reg = Registry(open_store(str(store)))
     cfg = ModelConfig.from_dir(model_dir)
-    import hashlib
-
-    base = f"{model_dir.name}:{hashlib.sha256((model_dir / 'config.json').read_bytes()).hexdigest()[:16]}"  # LLMEngine.base_fingerprint
+    base = base_fingerprint(EMBEDDED_MODEL_NAME, model_dir)  # the servers below serve it under its default name
     await reg.create_tenant(TENANT)
     _, key = await reg.create_key(TENANT)
     names = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -87,8 +88,6 @@ IGNORED_CASES = {  # cases where vLLM 0.32 does not do what was asked, so the st
 
 
 def intentional(line: str) -> str | None:
-    import re
-
     return next((why for pattern, why in INTENTIONAL if re.search(pattern, line)), None)
 
 

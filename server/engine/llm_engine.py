@@ -63,6 +63,11 @@ class SeqUpdate:
     prompt_logprobs: list[TokenLogprob] | None = None  # in a sequence's first update (params.prompt_logprobs)
 
 
+def base_fingerprint(model_name: str, model_dir: Path) -> str:
+    """What a registry adapter's manifest names as its base model: the served name and its config's hash."""
+    return f"{model_name}:{hashlib.sha256((Path(model_dir) / 'config.json').read_bytes()).hexdigest()[:16]}"
+
+
 class LLMEngine:
     @classmethod
     def on_own_thread(cls, config: EngineConfig) -> "LLMEngine":
@@ -88,7 +93,7 @@ class LLMEngine:
             self.model_name = config.served_model_name or Path(model_dir).name
         self.model_dir = Path(model_dir)
         # adapters are checked against this: same name and same architecture/config
-        self.base_fingerprint = f"{self.model_name}:{hashlib.sha256((self.model_dir / 'config.json').read_bytes()).hexdigest()[:16]}"
+        self.base_fingerprint = base_fingerprint(self.model_name, self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
